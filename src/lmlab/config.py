@@ -1,0 +1,430 @@
+"""The recipe schema: the only place defaults live.
+
+A recipe is a YAML file of overrides on top of these pydantic models; `--set a.b=value` edits the same
+tree. `load_recipe` reports every problem at once ('train.lr: must be > 0 (got -0.001)'), each with the
+YAML line where it can be found.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmlab.errors import RecipeError
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------------------- run
+class RunConfig(Section):
+    name: str = Field("run", description="Human name of the run; runs are listed and filtered by it")
+    task: Literal["lm", "sft", "pair_classify"] = Field(
+        "lm", description="lm: next-token prediction on raw text; sft: prompt→completion fine-tuning; "
+        "pair_classify: prompt + response A + response B → A / B / tie"
+    )
+    seed: int = Field(1337, description="Seeds data split, shuffling, init and dropout")
+    output_dir: str = Field(
+        "lmlab-runs", description="Workspace folder: runs, checkpoints and the sqlite ledger live here "
+        "(relative to the current directory)"
+    )
+    notes: str = Field("", description="Free text stored with the run")
+
+
+# ---------------------------------------------------------------------------------------------- data
+class SplitConfig(Section):
+    train: float = Field(0.9, ge=0, le=1, description="Fraction of examples for training")
+    val: float = Field(0.1, ge=0, le=1, description="Fraction for validation (eval, best checkpoint)")
+    test: float = Field(0.0, ge=0, le=1, description="Fraction held out for final evaluation")
+    seed: int | None = Field(None, description="Seed of the split's shuffle; defaults to run.seed")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train: train + val + test must sum to 1 (got {total:g}); adjust the fractions")
+        return self
+
+
+class DataConfig(Section):
+    path: str | None = Field(
+        None, description="Local file (.txt, .csv, .json, .jsonl), relative to the recipe's folder or to $LMLAB_DATA"
+    )
+    hf_dataset: str | None = Field(None, description="Hugging Face dataset id, used when `path` is not set")
+    hf_config: str | None = Field(None, description="Configuration name of the Hugging Face dataset")
+    hf_split: str = Field("train", description="Which split of the Hugging Face dataset to read")
+    format: Literal["auto", "text", "csv", "json", "jsonl"] = Field(
+        "auto", description="File format; auto = from the file extension"
+    )
+    text_column: str = Field("text", description="Column holding the text (task lm); for .txt files each line is ignored, the whole file is one document unless `one_document_per_line`")
+    one_document_per_line: bool = Field(False, description="For .txt files: every non-empty line is a document")
+    max_examples: int | None = Field(None, gt=0, description="Use only the first N examples (after loading, before splitting)")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    # --- sft: how examples become prompt/completion token sequences
+    template: Literal["alpaca", "chat", "prompt_completion", "text"] | None = Field(
+        None, description="sft: alpaca (instruction/input/output), chat (list of {role, content}), "
+        "prompt_completion (with prompt_template), text (raw; loss on all tokens)"
+    )
+    prompt_template: str | None = Field(
+        None, description="prompt_completion: a string with {column} placeholders, e.g. '### Question: \"{input}\"\\n ### Answer: '"
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns to the template's names, e.g. {instruction: question, output: answer}"
+    )
+    chat_template: str | None = Field(
+        None, description="chat: 'chatml' or a Jinja template; default: the tokenizer's own, else chatml"
+    )
+    system_prompt: str | None = Field(None, description="chat: system message prepended to every conversation")
+    train_on_prompt: bool = Field(False, description="sft: also put loss on prompt tokens")
+    add_eos: bool = Field(True, description="sft: append EOS to every completion")
+    max_length: int = Field(512, gt=0, description="sft/pair_classify: maximum tokens per example")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with examples longer than max_length (both are counted and reported)"
+    )
+    packing: bool = Field(False, description="sft: pack examples into max_length rows without cross-example attention")
+    # --- curation and multi-part training
+    filters: list[dict[str, Any]] = Field(default_factory=list, description="Audited filters applied in order")
+    parts: int = Field(1, gt=0, description="Split the training data into N deterministic parts")
+    part: int = Field(0, ge=0, description="Which part (0-based) this run trains on")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.path is None and self.hf_dataset is None:
+            raise ValueError("path: required; set `data.path` (a local file) or `data.hf_dataset` (a hub dataset id)")
+        if self.path is not None and self.hf_dataset is not None:
+            raise ValueError("path: set only one of `data.path` and `data.hf_dataset`")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+class TokenizerConfig(Section):
+    kind: Literal["bpe", "pretrained"] = Field(
+        "bpe", description="bpe: train a byte-level BPE on the training split; pretrained: load one"
+    )
+    name_or_path: str | None = Field(
+        None, description="Pretrained tokenizer (hub id or folder); defaults to model.pretrained"
+    )
+    vocab_size: int = Field(4096, gt=0, description="BPE vocabulary size, special tokens included")
+    min_frequency: int = Field(2, ge=1, description="BPE: minimum pair frequency to merge")
+    special_tokens: list[str] = Field(
+        default_factory=lambda: ["<|endoftext|>"], description="BPE: special tokens; the first is EOS/BOS/pad"
+    )
+
+    @model_validator(mode="after")
+    def _vocab_holds_specials(self) -> TokenizerConfig:
+        # byte-level BPE needs its 256 byte symbols plus the special tokens before any merge
+        if self.kind == "bpe":
+            if not self.special_tokens:
+                raise ValueError("special_tokens: needs at least one token (used as end-of-document)")
+            need = 256 + len(self.special_tokens)
+            if self.vocab_size < need:
+                raise ValueError(
+                    f"vocab_size: must be at least {need} (256 byte symbols + {len(self.special_tokens)} "
+                    f"special tokens), got {self.vocab_size}"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    arch: Literal["gpt2", "llama"] = Field(
+        "gpt2", description="From-scratch architecture: gpt2 = learned positions, llama = RoPE + RMSNorm + SwiGLU"
+    )
+    pretrained: str | None = Field(None, description="Hub id or folder of a pretrained model; overrides the shape fields")
+    gguf_file: str | None = Field(None, description="Load `pretrained` from this GGUF file inside it (dequantized)")
+    n_layer: int = Field(4, gt=0, description="Transformer blocks")
+    n_head: int = Field(4, gt=0, description="Attention heads")
+    n_kv_head: int | None = Field(None, gt=0, description="llama: key/value heads (grouped-query attention); default n_head")
+    d_model: int = Field(256, gt=0, description="Width of the residual stream")
+    d_ff: int | None = Field(None, gt=0, description="MLP width; default 4·d_model (gpt2) or ≈8/3·d_model (llama)")
+    block_size: int = Field(128, gt=0, description="Training sequence length in tokens")
+    context_length: int | None = Field(None, gt=0, description="Model's maximum positions; default block_size")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on embeddings, attention and residual")
+    tie_embeddings: bool = Field(True, description="Share input embedding and output projection weights")
+    rope_theta: float = Field(10000.0, gt=0, description="llama: RoPE base")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory")
+    init_from: str | None = Field(
+        None, description="Start from another run ('run:<id>', its best checkpoint) or a checkpoint folder"
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> ModelConfig:
+        if self.pretrained is None:
+            if self.d_model % self.n_head:
+                raise ValueError(f"n_head: d_model ({self.d_model}) must be divisible by n_head ({self.n_head}); change one")
+            if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+                raise ValueError(f"n_kv_head: n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+            if self.context_length is not None and self.block_size > self.context_length:
+                raise ValueError(
+                    f"block_size: {self.block_size} is larger than the model's context_length "
+                    f"({self.context_length}); lower block_size or raise context_length"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd (momentum, nesterov)")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate")
+    min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of linear/cosine decay")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled (adamw) or L2 (sgd) weight decay")
+    decay_norms_and_biases: bool = Field(
+        False, description="Also decay norm weights, biases and embeddings (nanoGPT excludes them)"
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="adamw betas")
+    eps: float = Field(1e-8, gt=0, description="adamw epsilon")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="LR shape after warmup")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup length in optimizer steps")
+    warmup_fraction: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of all steps")
+    batch_size: int = Field(16, gt=0, description="Micro-batch: sequences per forward pass per process")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step")
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the training split (ignored if max_steps)")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs")
+    clip_grad: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null = off")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast mixed precision")
+    log_every: int = Field(10, gt=0, description="Log train metrics every N optimizer steps")
+    compile: bool = Field(False, description="torch.compile the model (slow start, may be faster on GPU)")
+    num_threads: int | None = Field(None, gt=0, description="CPU threads for torch; default all cores")
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainConfig:
+        if self.warmup_steps is not None and self.warmup_fraction is not None:
+            raise ValueError("warmup_steps: set only one of warmup_steps and warmup_fraction")
+        if self.max_steps is not None and self.warmup_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"warmup_steps: {self.warmup_steps} must be < max_steps ({self.max_steps}); shorten warmup"
+            )
+        if self.schedule != "constant" and self.min_lr > self.lr:
+            raise ValueError(f"min_lr: {self.min_lr:g} must be <= lr ({self.lr:g}); lower min_lr")
+        return self
+
+
+class EvalConfig(Section):
+    every_steps: int | None = Field(200, gt=0, description="Evaluate every N optimizer steps (and always at the end)")
+    max_batches: int | None = Field(None, gt=0, description="Cap on validation batches per eval; null = whole split")
+    batch_size: int | None = Field(None, gt=0, description="Eval micro-batch; default train.batch_size")
+    best_metric: str = Field("val/loss", description="Metric that picks the best checkpoint")
+    best_mode: Literal["min", "max"] = Field("min", description="Whether lower or higher best_metric is better")
+
+
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(None, gt=0, description="Save every N steps; default = at each eval")
+    keep_last: int = Field(2, ge=1, description="Keep this many most recent checkpoints")
+    keep_best: bool = Field(True, description="Also keep the best checkpoint by eval.best_metric")
+    save_optimizer: bool = Field(True, description="Save optimizer/scheduler state (needed for exact resume)")
+
+
+class LedgerConfig(Section):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default $LMLAB_TRACKING_URI, else sqlite in run.output_dir"
+    )
+    experiment: str = Field("lmlab", description="MLflow experiment name")
+    enabled: bool = Field(True, description="false = record nothing (quick experiments)")
+
+
+class Recipe(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+
+    # Where the recipe came from: data paths resolve relative to it. Not part of the recipe's content.
+    source_path: str | None = Field(None, exclude=True, description="(set by load_recipe)")
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Recipe:
+        if self.run.task == "lm" and self.model.pretrained is None and self.tokenizer.kind == "pretrained" \
+                and self.tokenizer.name_or_path is None:
+            raise ValueError("tokenizer: name_or_path is needed for a pretrained tokenizer when model.pretrained is not set")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """The full recipe, defaults included: what the ledger records and `lmlab diff` compares."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
+
+    def resolve_data_path(self, path: str | None = None) -> Path:
+        """Find a data file: absolute, relative to the recipe's folder, or under $LMLAB_DATA."""
+        from lmlab.errors import LmlabError
+
+        path = path or self.data.path
+        assert path is not None
+        candidates = [Path(path)] if Path(path).is_absolute() else []
+        if not candidates:
+            base = Path(self.source_path).parent if self.source_path else Path.cwd()
+            candidates.append(base / path)
+            if os.environ.get("LMLAB_DATA"):
+                candidates.append(Path(os.environ["LMLAB_DATA"]) / path)
+            candidates.append(Path.cwd() / path)
+        for c in candidates:
+            if c.is_file():
+                return c.resolve()
+        where = ", ".join(str(c) for c in dict.fromkeys(candidates))
+        hint = "" if os.environ.get("LMLAB_DATA") else "; set LMLAB_DATA to the folder holding the data sets"
+        raise LmlabError(f"data.path: file '{path}' not found (looked at {where}){hint}")
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
+                *, data: dict | None = None) -> Recipe:
+    """Load a recipe from YAML (or a dict), apply `a.b=value` overrides, validate everything at once."""
+    source = str(path) if path is not None else "<recipe>"
+    text = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError([f"recipe file not found; check the path"], source)
+        text = p.read_text()
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark else ""
+            raise RecipeError([f"{where}not valid YAML ({getattr(e, 'problem', e)})"], source) from None
+        if not isinstance(raw, dict):
+            raise RecipeError(["the top level must be a mapping of sections (run:, data:, model:, ...)"], source)
+    else:
+        raw = dict(data or {})
+    problems: list[str] = []
+    for key, value in _normalize_overrides(overrides):
+        try:
+            _set_path(raw, key, value)
+        except ValueError as e:
+            problems.append(f"--set {key}: {e}")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems += [_describe(err, raw, text) for err in e.errors()]
+        raise RecipeError(problems, source) from None
+    if problems:
+        raise RecipeError(problems, source)
+    if path is not None:
+        recipe.source_path = str(Path(path).resolve())
+    return recipe
+
+
+def _normalize_overrides(overrides: list[str] | dict | None) -> list[tuple[str, Any]]:
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            out.append((item, _MISSING))
+            continue
+        key, value = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
+    return out
+
+
+_MISSING = object()
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    if value is _MISSING:
+        raise ValueError("expected key=value, e.g. --set train.lr=3e-4")
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"'{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_names(loc: tuple) -> list[str]:
+    """Known field names at the parent of `loc`, for did-you-mean suggestions."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return [n for n, f in model.model_fields.items() if not f.exclude]
+
+
+def _yaml_line(text: str, loc: tuple, partial: bool = False) -> int | None:
+    """1-based line of the YAML node at `loc`; with `partial`, of its nearest existing parent."""
+    if not text:
+        return None
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for i, part in enumerate(loc):
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                return line if partial else None
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line if partial else None
+    return line
+
+
+def _describe(err: dict, raw: dict, text: str) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind, msg, got = err["type"], err["msg"], err.get("input")
+    if kind == "value_error":
+        # section validators name their field first: 'vocab_size: must be ...'
+        msg = msg.removeprefix("Value error, ")
+        field, sep, rest = msg.partition(": ")
+        if sep and field.isidentifier():
+            loc, msg = (*loc, field), rest
+            path = ".".join(str(p) for p in loc)
+    line = _yaml_line(text, loc, partial=kind in ("missing", "value_error"))
+    where = f"line {line}: " if line else ""
+    if kind == "extra_forbidden":
+        known = _field_names(loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+        return f"{where}{path}: unknown key; {hint}"
+    if kind == "missing":
+        return f"{where}{path}: required; add it to the recipe"
+    if kind == "value_error":
+        return f"{where}{path}: {msg}"
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    return f"{where}{path}: {msg[0].lower() + msg[1:]} (got {shown})"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

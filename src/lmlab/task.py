@@ -1,0 +1,36 @@
+"""What the one training loop needs from a task (lm, sft, pair_classify): the loop never branches on task.
+
+A batch is a dict of tensors. For causal LMs: `input_ids` (B, T), `labels` (B, T) already aligned so that
+labels[:, t] is the target for position t (-100 = no loss), optional `attention_mask` (B, T) or a 4-D
+additive/boolean mask (B, 1, T, T) and `position_ids` (B, T) for packed rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+
+class Task(Protocol):
+    train_set: Sequence[Any]  # examples, indexable; the loop shuffles indices, not data
+    val_set: Sequence[Any]
+
+    def collate(self, examples: list[Any]) -> dict[str, torch.Tensor]:
+        """Examples -> one batch of tensors (on CPU; the loop moves it to the device)."""
+        ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of per-item losses, number of items) for the batch: tokens for LMs, examples for classifiers.
+        The loop divides by the item count over the whole optimizer step, so accumulation and world size
+        do not change the result."""
+        ...
+
+    def evaluate(self, model: torch.nn.Module, examples: Sequence[Any], prefix: str) -> dict[str, float]:
+        """Metrics on a split, keys prefixed ('val/loss', 'val/accuracy', ...). Runs under torch.no_grad."""
+        ...
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Loss-bearing tokens in the batch (for effective tokens/s)."""
+        ...
