@@ -132,6 +132,10 @@ def test_token_count_uses_the_given_tokenizer_and_says_when_there_is_none():
         apply_filters(records, spec, seed=0)
     assert str(e.value) == ("data.filters[0]: token_count needs a tokenizer and none is available here; "
                             "pass tokenizer= (text -> ids) or use kind: word_count")
+    with pytest.raises(LmlabError) as e:  # what calling a Hugging Face tokenizer returns
+        apply_filters(records, spec, seed=0, tokenizer=lambda text: {"input_ids": [1, 2], "attention_mask": [1, 1]})
+    assert str(e.value) == ("tokenizer: must turn text into a list of token ids, got dict; "
+                            "pass e.g. lambda text: tok.encode(text, add_special_tokens=False)")
 
 
 # ------------------------------------------------------------------------------ median length drop
@@ -286,6 +290,18 @@ def test_near_dedupe_drops_a_one_word_edit_and_keeps_different_text():
     assert kept_outputs(kept) == [base, other, edited]
 
 
+def test_near_dedupe_confirms_lsh_candidates_against_the_threshold():
+    base = ("the quick brown fox jumps over the lazy dog while the farmer watches from the old wooden "
+            "porch and drinks his morning coffee slowly before the long day of work begins in the fields")
+    # 5 words replaced: true trigram Jaccard 19/45 = 0.42, MinHash estimate 0.49 (seed 1); LSH tuned to 0.5
+    # still proposes it as a candidate, and the filter must not drop it
+    far = base.replace("jumps", "a").replace("the lazy", "the b").replace("dog", "c").replace("the farmer", "the d")
+    far = far.replace("from the old", "from e old")
+    records = outputs(base, far)
+    kept, report = apply_filters(records, [{"kind": "dedupe_near", "field": "output", "threshold": 0.5, "seed": 1}], seed=0)
+    assert kept_outputs(kept) == [base, far]
+
+
 # --------------------------------------------------------------------------------------- predicate
 @pytest.fixture
 def predicate_module(tmp_path, monkeypatch, request):
@@ -373,6 +389,18 @@ def test_cache_misses_when_data_spec_seed_or_predicate_source_change(predicate_m
     _, report = apply_filters(records, [pred], seed=0, cache_dir=cache)
     assert report.steps[0].cached is False
     assert len(module.CALLS) == 10
+
+
+def test_token_count_cache_is_keyed_by_the_tokenizer(tmp_path):
+    records = outputs("ab cd", "abcdef")
+    spec = [{"kind": "token_count", "field": "output", "max": 2}]
+    by_bytes, report = apply_filters(records, spec, seed=0, tokenizer=lambda t: list(t.encode()), cache_dir=tmp_path)
+    assert (by_bytes, report.steps[0].cached) == ([], False)
+    by_words, report = apply_filters(records, spec, seed=0, tokenizer=lambda t: [len(w) for w in t.split()],
+                                     cache_dir=tmp_path)
+    assert (by_words, report.steps[0].cached) == (records, False)
+    _, report = apply_filters(records, spec, seed=0, tokenizer=lambda t: [len(w) for w in t.split()], cache_dir=tmp_path)
+    assert report.steps[0].cached is True
 
 
 def test_fingerprint_depends_on_content_and_order_not_key_order():

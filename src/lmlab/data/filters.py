@@ -216,6 +216,8 @@ FilterSpec = Annotated[
     Field(discriminator="kind"),
 ]
 _SPECS = TypeAdapter(list[FilterSpec])
+# kind -> spec model, e.g. for listing a kind's keys in error messages
+FILTER_KINDS: dict[str, type[BaseModel]] = {m.model_fields["kind"].default: m for m in get_args(get_args(FilterSpec)[0])}
 
 
 def parse_filters(raw: Sequence[FilterSpec | dict[str, Any]]) -> list[FilterSpec]:
@@ -224,9 +226,6 @@ def parse_filters(raw: Sequence[FilterSpec | dict[str, Any]]) -> list[FilterSpec
         return _SPECS.validate_python([s.model_dump() if isinstance(s, BaseModel) else s for s in raw])
     except ValidationError as e:
         raise LmlabError("; ".join(_describe(err) for err in e.errors())) from None
-
-
-_KINDS = {m.model_fields["kind"].default: m for m in get_args(get_args(FilterSpec)[0])}
 
 
 def _describe(err: Any) -> str:
@@ -238,8 +237,8 @@ def _describe(err: Any) -> str:
         key, sep, rest = msg.partition(": ")
         if sep and key.isidentifier():
             keys, msg = [*keys, key], rest
-    elif err["type"] == "extra_forbidden" and len(loc) > 1 and loc[1] in _KINDS:
-        msg = f"unknown key for {loc[1]}; known keys: {', '.join(_KINDS[loc[1]].model_fields)}"
+    elif err["type"] == "extra_forbidden" and len(loc) > 1 and loc[1] in FILTER_KINDS:
+        msg = f"unknown key for {loc[1]}; known keys: {', '.join(FILTER_KINDS[loc[1]].model_fields)}"
     elif err["type"] == "missing":
         msg = "required; add it"
     else:
@@ -543,9 +542,24 @@ _TOKENIZER_PROBE = 'The quick brown fox: "*waves*" -- 1234 ünïcödé\n```x = 1
 
 
 def tokenizer_identity(tokenizer: Tokenizer) -> str:
-    """Name + sha256 of the ids it gives a fixed probe text: different tokenizers, different cache keys."""
+    """Name + sha256 of the ids it gives a fixed probe text: different tokenizers, different cache keys.
+
+    Also checks that the tokenizer returns a list of ids: a Hugging Face tokenizer *called* on text returns
+    a dict-like BatchEncoding, whose len() would count its keys, not tokens.
+    """
+    ids = tokenizer(_TOKENIZER_PROBE)
+    try:
+        is_ids = not isinstance(ids, str | bytes) and all(isinstance(i, int) or type(i).__name__.startswith("int")
+                                                          for i in ids)  # numpy ints too
+    except TypeError:  # not iterable, e.g. a tokenizers.Encoding
+        is_ids = False
+    if not is_ids:
+        raise LmlabError(
+            f"tokenizer: must turn text into a list of token ids, got {type(ids).__name__}; "
+            "pass e.g. lambda text: tok.encode(text, add_special_tokens=False)"
+        )
     name = getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "__qualname__", type(tokenizer).__name__)
-    return f"{name}:{_sha256(_canonical([int(i) for i in tokenizer(_TOKENIZER_PROBE)]))[:16]}"
+    return f"{name}:{_sha256(_canonical([int(i) for i in ids]))[:16]}"
 
 
 # ---------------------------------------------------------------------------------------- applying
