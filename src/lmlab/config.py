@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmlab.data.filters import FilterSpec
 from lmlab.errors import RecipeError
 
 
@@ -91,7 +92,7 @@ class DataConfig(Section):
     )
     packing: bool = Field(False, description="sft: pack examples into max_length rows without cross-example attention")
     # --- curation and multi-part training
-    filters: list[dict[str, Any]] = Field(default_factory=list, description="Audited filters applied in order")
+    filters: list[FilterSpec] = Field(default_factory=list, description="Audited filters applied in order")
     parts: int = Field(1, gt=0, description="Split the training data into N deterministic parts")
     part: int = Field(0, ge=0, description="Which part (0-based) this run trains on")
 
@@ -259,6 +260,17 @@ class Recipe(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.resolved(), sort_keys=False)
 
+    def resolve_model_path(self, name: str) -> str:
+        """A model/tokenizer folder relative to the recipe or $LMLAB_MODELS if it exists there, else a hub id."""
+        if Path(name).is_absolute():
+            return name
+        bases = [Path(self.source_path).parent] if self.source_path else []
+        bases += [Path(os.environ["LMLAB_MODELS"])] if os.environ.get("LMLAB_MODELS") else []
+        for base in bases:
+            if (base / name).is_dir():
+                return str((base / name).resolve())
+        return name
+
     def resolve_data_path(self, path: str | None = None) -> Path:
         """Find a data file: absolute, relative to the recipe's folder, or under $LMLAB_DATA."""
         from lmlab.errors import LmlabError
@@ -352,6 +364,15 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _union_tags() -> set[str]:
+    from lmlab.data.filters import FILTER_KINDS
+
+    return set(FILTER_KINDS)
+
+
+_UNION_TAGS = _union_tags()
+
+
 def _field_names(loc: tuple) -> list[str]:
     """Known field names at the parent of `loc`, for did-you-mean suggestions."""
     model: Any = Recipe
@@ -393,7 +414,8 @@ def _yaml_line(text: str, loc: tuple, partial: bool = False) -> int | None:
 
 
 def _describe(err: dict, raw: dict, text: str) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # drop pydantic's internal location parts: validator names and the tag of a discriminated union
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in _UNION_TAGS)))
     path = ".".join(str(p) for p in loc) or "(top level)"
     kind, msg, got = err["type"], err["msg"], err.get("input")
     if kind == "value_error":

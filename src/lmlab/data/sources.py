@@ -1,0 +1,90 @@
+"""Read examples (one dict per example) from a local file or a Hugging Face dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from lmlab.config import Recipe
+from lmlab.errors import LmlabError
+
+
+def load_records(recipe: Recipe) -> list[dict[str, Any]]:
+    """All examples of the recipe's data source, in file order, capped at data.max_examples."""
+    cfg = recipe.data
+    if cfg.path is not None:
+        path = recipe.resolve_data_path()
+        records = read_file(path, cfg.format, one_document_per_line=cfg.one_document_per_line)
+    else:
+        records = _read_hub(cfg.hf_dataset, cfg.hf_config, cfg.hf_split)
+    if cfg.max_examples is not None:
+        records = records[: cfg.max_examples]
+    if not records:
+        raise LmlabError(f"data: no examples in {cfg.path or cfg.hf_dataset}; check the file")
+    return records
+
+
+def read_file(path: Path, fmt: str = "auto", *, one_document_per_line: bool = False) -> list[dict[str, Any]]:
+    fmt = _format_of(path) if fmt == "auto" else fmt
+    if fmt == "text":
+        text = path.read_text(encoding="utf-8")
+        if one_document_per_line:
+            return [{"text": line} for line in text.splitlines() if line.strip()]
+        return [{"text": text}]
+    if fmt == "csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if fmt == "jsonl":
+        records = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise LmlabError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
+        return records
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LmlabError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the single list inside
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise LmlabError(f"{path}: expected a JSON list of objects (or one object holding one list)")
+        data = lists[0]
+    return data
+
+
+def _format_of(path: Path) -> str:
+    ext = path.suffix.lower()
+    formats = {".txt": "text", ".md": "text", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+    if ext not in formats:
+        raise LmlabError(f"data.format: cannot tell the format of '{path.name}'; set data.format to text, csv, json or jsonl")
+    return formats[ext]
+
+
+def _read_hub(name: str | None, config: str | None, split: str) -> list[dict[str, Any]]:
+    """Hugging Face hub dataset (needs network or a local HF cache)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown id, missing split: the library's message is the useful part
+        raise LmlabError(f"data.hf_dataset: could not load '{name}' split '{split}': {str(e).splitlines()[0]}") from None
+    return [dict(row) for row in ds]
+
+
+def column(records: list[dict[str, Any]], name: str, source: str) -> list[str]:
+    """The values of one column as strings; a clear error if the column is missing."""
+    if name not in records[0]:
+        cols = ", ".join(map(str, records[0].keys()))
+        raise LmlabError(f"{source}: no column '{name}' (columns: {cols}); set data.text_column")
+    out = []
+    for r in records:
+        v = r.get(name)
+        out.append("" if v is None else str(v))
+    return out
