@@ -24,9 +24,11 @@ def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
 class CausalLMTask:
     def __init__(self, train_set: Sequence[Any], val_set: Sequence[Any], collate: Callable[[list], dict],
                  *, eval_batch_size: int, eval_max_batches: int | None = None,
-                 chars: dict[str, int] | None = None, test_set: Sequence[Any] = ()):
+                 chars: dict[str, int] | None = None, test_set: Sequence[Any] = (),
+                 eval_collate: Callable[[list], dict] | None = None):
         self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
-        self.collate = collate
+        self.collate = collate  # training batches (padded, packed or fixed blocks)
+        self.eval_collate = eval_collate or collate  # evaluation scores every example on its own row
         self.eval_batch_size, self.eval_max_batches = eval_batch_size, eval_max_batches
         self.chars = chars or {}  # split prefix -> characters of that split's text
 
@@ -34,6 +36,10 @@ class CausalLMTask:
         return token_nll(model, batch)
 
     def tokens(self, batch) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    def count(self, batch) -> int:
+        """Items the loss is averaged over: target tokens."""
         return int((batch["labels"] != -100).sum())
 
     @torch.no_grad()
@@ -47,7 +53,7 @@ class CausalLMTask:
         for b, start in enumerate(range(0, n, self.eval_batch_size)):
             if limit is not None and b >= limit:
                 break
-            batch = self.collate([examples[i] for i in range(start, min(start + self.eval_batch_size, n))])
+            batch = self.eval_collate([examples[i] for i in range(start, min(start + self.eval_batch_size, n))])
             if device is not None:
                 batch = {k: v.to(device) for k, v in batch.items()}
             with autocast() if autocast else contextlib.nullcontext():

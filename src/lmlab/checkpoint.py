@@ -41,7 +41,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, meta: dict[str, Any], recipe_yaml: str,
-                    optimizer=None, scheduler=None) -> Path:
+                    optimizer=None, scheduler=None, files: dict[str, Any] | None = None) -> Path:
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -56,6 +56,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, meta: dict[st
                     "rng": rng_state()}, tmp / "trainer_state.pt")
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=2, default=str))
     (tmp / "recipe.yaml").write_text(recipe_yaml)
+    for name, content in (files or {}).items():  # e.g. template.json: generation and serving reuse it
+        (tmp / name).write_text(json.dumps(content, indent=2))
     if final.exists():  # re-saving the same step (e.g. interrupted exactly at an eval step)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -90,9 +92,17 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any] | None:
 
 
 def load_model_weights(model, checkpoint: Path) -> None:
-    """Load a full-model checkpoint's weights into `model` in place (same architecture)."""
+    """Load a checkpoint's weights into `model` in place: full weights, or a peft adapter."""
     from safetensors.torch import load_file
 
+    adapter = Path(checkpoint) / "adapter_model.safetensors"
+    if adapter.exists():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(adapter)))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"adapter in {checkpoint} does not match the model: {result.unexpected_keys[:3]}")
+        return
     files = sorted(Path(checkpoint).glob("model*.safetensors"))
     state: dict[str, torch.Tensor] = {}
     for f in files:

@@ -69,6 +69,10 @@ def runs(
     console.print(runs_table(rows))
 
 
+# command groups living in their own modules register themselves on `app` when imported
+import lmlab.commands  # noqa: E402,F401
+
+
 def main() -> None:
     try:
         app()

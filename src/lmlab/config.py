@@ -171,6 +171,22 @@ class ModelConfig(Section):
         return self
 
 
+class AdapterConfig(Section):
+    kind: Literal["none", "lora", "qlora"] = Field(
+        "none", description="none = full fine-tuning; lora = peft LoRA; qlora = LoRA on a 4-bit nf4 base (CUDA only)"
+    )
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear'"
+    )
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA)")
+    train_modules: list[str] = Field(
+        default_factory=list, description="Extra modules trained in full and saved with the adapter (e.g. [lm_head])"
+    )
+
+
 # --------------------------------------------------------------------------------------------- train
 class TrainConfig(Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd (momentum, nesterov)")
@@ -238,6 +254,7 @@ class Recipe(Section):
     data: DataConfig
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -251,6 +268,15 @@ class Recipe(Section):
         if self.run.task == "lm" and self.model.pretrained is None and self.tokenizer.kind == "pretrained" \
                 and self.tokenizer.name_or_path is None:
             raise ValueError("tokenizer: name_or_path is needed for a pretrained tokenizer when model.pretrained is not set")
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_needs_pretrained(self) -> Recipe:
+        if self.adapter.kind != "none" and self.model.pretrained is None and self.model.init_from is None:
+            raise ValueError("adapter: LoRA/QLoRA adapt a pretrained model; set model.pretrained "
+                             "(or model.init_from), or use adapter.kind: none")
+        if self.run.task == "sft" and self.data.template is None:
+            raise ValueError("data: task sft needs data.template (alpaca, chat, prompt_completion or text)")
         return self
 
     def resolved(self) -> dict[str, Any]:

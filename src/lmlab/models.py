@@ -33,15 +33,23 @@ def build_causal_lm(recipe: Recipe, vocab_size: int, eos_id: int) -> PreTrainedM
     """A fresh model seeded by run.seed, or the pretrained weights named in model.pretrained."""
     m = recipe.model
     if m.pretrained is not None:
-        return load_pretrained_lm(recipe.resolve_model_path(m.pretrained), m.gguf_file)
+        check_qlora_device(recipe)
+        return load_pretrained_lm(recipe.resolve_model_path(m.pretrained), m.gguf_file,
+                                  four_bit=recipe.adapter.kind == "qlora")
     config = scratch_config(recipe, vocab_size, eos_id)
     torch.manual_seed(recipe.run.seed)
     cls = GPT2LMHeadModel if m.arch == "gpt2" else LlamaForCausalLM
     return cls(config)
 
 
-def load_pretrained_lm(name_or_path: str, gguf_file: str | None = None) -> PreTrainedModel:
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+def load_pretrained_lm(name_or_path: str, gguf_file: str | None = None, *, four_bit: bool = False) -> PreTrainedModel:
+    kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    if four_bit:  # QLoRA: nf4 with double quantization, bf16 compute
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
     except OSError as e:
@@ -61,3 +69,24 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return total, trainable
+
+
+def apply_adapter(model: PreTrainedModel, recipe: Recipe) -> torch.nn.Module:
+    """Wrap the model with a peft LoRA adapter (QLoRA: the base was loaded in 4-bit by load_pretrained_lm)."""
+    a = recipe.adapter
+    if a.kind == "none":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if a.kind == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.model.gradient_checkpointing)
+    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
+                        use_dora=a.dora, modules_to_save=a.train_modules or None, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def check_qlora_device(recipe: Recipe) -> None:
+    """QLoRA needs CUDA: on CPU, bitsandbytes 4-bit was seen to stop learning silently after any
+    torch.no_grad() forward (an eval pass), so we refuse rather than train a model that learns nothing."""
+    if recipe.adapter.kind == "qlora" and not torch.cuda.is_available():
+        raise LmlabError("adapter.kind: 'qlora' needs a CUDA GPU (none found); use 'lora' on CPU")

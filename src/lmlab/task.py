@@ -31,6 +31,11 @@ class Task(Protocol):
         """Metrics on a split, keys prefixed ('val/loss', 'val/accuracy', ...). Runs under torch.no_grad."""
         ...
 
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Items the loss of this batch is a sum over (the same number `loss` returns), known before the
+        forward pass so the loop can normalise the loss once per step, before backward."""
+        ...
+
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Loss-bearing tokens in the batch (for effective tokens/s)."""
         ...

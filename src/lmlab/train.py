@@ -122,6 +122,8 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     if recipe.run.task == "lm":
         derived["derived.tokens_per_step"] = per_step * recipe.model.block_size
     out.start(recipe, run_id, run_dir, derived)
+    for line in prep.notes:
+        out.note(line)
 
     optimizer = make_optimizer(recipe, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
@@ -170,7 +172,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
                 "fingerprints": prep.fingerprints, "lmlab_version": _version(), "task": recipe.run.task,
                 "recipe_source": recipe.source_path}
         path = ckpt.save_checkpoint(run_dir, step, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
-                                    meta=meta, recipe_yaml=recipe.to_yaml(),
+                                    meta=meta, recipe_yaml=recipe.to_yaml(), files=prep.checkpoint_files,
                                     optimizer=optimizer if recipe.checkpoint.save_optimizer else None,
                                     scheduler=scheduler)
         ckpt.prune(run_dir, recipe.checkpoint.keep_last, best_path if recipe.checkpoint.keep_best else None)
@@ -195,28 +197,27 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(len(task.train_set), seed, epoch), epoch
             chunk = order[pos * per_step:(pos + 1) * per_step]
-            loss_sum, items, tokens = torch.zeros((), device=accelerator.device), 0, 0
-            for a in range(t.grad_accum):
-                first = (a * world + rank) * t.batch_size  # micro-batch a of this rank within the step
-                batch = task.collate([task.train_set[i] for i in chunk[first:first + t.batch_size]])
+            micro = [task.collate([task.train_set[i] for i in chunk[f:f + t.batch_size]])
+                     for f in ((a * world + rank) * t.batch_size for a in range(t.grad_accum))]
+            # every item (target token, example) of the step weighs the same whatever the accumulation and
+            # world size: divide by the step's item count over all processes, known before any forward pass
+            items = torch.tensor(float(sum(task.count(b) for b in micro)), device=accelerator.device)
+            items = accelerator.reduce(items, reduction="sum") if world > 1 else items
+            scale = world / max(float(items), 1.0)  # × world: DDP averages gradients over processes
+            loss_sum, tokens = torch.zeros((), device=accelerator.device), 0
+            for a, batch in enumerate(micro):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = accelerator.no_sync(model) if a < t.grad_accum - 1 else contextlib.nullcontext()
                 with sync, accelerator.autocast():
-                    nll, count = task.loss(model, batch)
-                    accelerator.backward(nll)  # summed loss: normalised once per step below
+                    nll, _ = task.loss(model, batch)
+                    accelerator.backward(nll * scale)
                 loss_sum += nll.detach()
-                items += int(count)
                 tokens += task.tokens(batch)
-            # every item of the step weighs the same whatever the accumulation and world size:
-            # divide the summed gradients by the step's item count over all processes (DDP averages, so × world)
-            totals = torch.tensor([float(loss_sum), float(items)], device=accelerator.device)
-            totals = accelerator.reduce(totals, reduction="sum") if world > 1 else totals
-            step_loss = float(totals[0] / totals[1])
+            loss_sum = accelerator.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum
+            step_loss = float(loss_sum) / max(float(items), 1.0)
             if not math.isfinite(step_loss):
                 status, reason = "FAILED", f"loss became {step_loss} at step {step + 1}; last good checkpoint kept"
                 break
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, world / float(totals[1]))
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad or float("inf"))
             optimizer.step()
             scheduler.step()
