@@ -121,3 +121,21 @@ def _convert(gguf_path: Path, out: Path) -> None:
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def models_root_with_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
+    """A folder to use as $LMLAB_MODELS in which the hub id `HuggingFaceTB/SmolLM2-135M-Instruct` resolves to
+    the converted local copy: recipes keep the real hub id (and work online elsewhere) yet run offline here."""
+    root = cache_root() / "models"
+    link = root / HUB_ID
+    target = smollm2_hf_dir(cache_dir)
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{link.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target, target_is_directory=True)
+        os.replace(tmp, link)
+    return root
