@@ -117,3 +117,26 @@ def load_model_weights(model, checkpoint: Path) -> None:
 def _tied_keys(model) -> set[str]:
     tied = getattr(model, "_tied_weights_keys", None) or {}
     return set(tied if not isinstance(tied, dict) else tied.keys())
+
+
+def resolve_init_from(spec: str, recipe) -> Path:
+    """'run:<id>' (best checkpoint), 'run:<id>:last', or a checkpoint folder -> the checkpoint folder."""
+    from lmlab.errors import LmlabError
+    from lmlab.ledger import find_run
+
+    if spec.startswith("run:"):
+        run_id, _, which = spec[4:].partition(":")
+        run = find_run(recipe, run_id)
+        tag = "lmlab.last_checkpoint" if which == "last" else "lmlab.best_checkpoint"
+        path = run.data.tags.get(tag) or run.data.tags.get("lmlab.last_checkpoint")
+        if not path:  # a paused parent has no best yet: its newest checkpoint
+            found = list_checkpoints(Path(run.data.tags.get("lmlab.run_dir", "")))
+            path = str(found[-1]) if found else None
+        if not path or not Path(path).is_dir():
+            raise LmlabError(f"model.init_from: run {run_id} has no checkpoint on this machine ({path})")
+        return Path(path)
+    base = Path(recipe.source_path).parent if recipe.source_path else Path.cwd()
+    path = Path(spec) if Path(spec).is_absolute() else base / spec
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        raise LmlabError(f"model.init_from: '{spec}' is not a checkpoint folder (no config.json or adapter_config.json)")
+    return path.resolve()

@@ -153,8 +153,10 @@ class ModelConfig(Section):
     rope_theta: float = Field(10000.0, gt=0, description="llama: RoPE base")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory")
     init_from: str | None = Field(
-        None, description="Start from another run ('run:<id>', its best checkpoint) or a checkpoint folder"
+        None, description="Start from another run ('run:<id>' = its best checkpoint, 'run:<id>:last') or a "
+        "checkpoint folder; its tokenizer comes along. The ledger links parent → child"
     )
+    init_optimizer: bool = Field(False, description="With init_from: also restore the parent's optimizer state")
 
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:

@@ -32,6 +32,8 @@ def scratch_config(recipe: Recipe, vocab_size: int, eos_id: int):
 def build_causal_lm(recipe: Recipe, vocab_size: int, eos_id: int) -> PreTrainedModel:
     """A fresh model seeded by run.seed, or the pretrained weights named in model.pretrained."""
     m = recipe.model
+    if m.init_from is not None:
+        return load_checkpoint_model(recipe)
     if m.pretrained is not None:
         check_qlora_device(recipe)
         return load_pretrained_lm(recipe.resolve_model_path(m.pretrained), m.gguf_file,
@@ -71,10 +73,25 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def load_checkpoint_model(recipe: Recipe) -> torch.nn.Module:
+    """The model of a parent checkpoint (model.init_from): full weights, or its base + trainable adapter."""
+    from lmlab.checkpoint import resolve_init_from
+
+    parent = resolve_init_from(recipe.model.init_from, recipe)
+    if (parent / "adapter_config.json").exists():
+        import yaml
+        from peft import PeftModel
+
+        parent_model = yaml.safe_load((parent / "recipe.yaml").read_text())["model"]
+        base = load_pretrained_lm(recipe.resolve_model_path(parent_model["pretrained"]), parent_model.get("gguf_file"))
+        return PeftModel.from_pretrained(base, str(parent), is_trainable=True)
+    return load_pretrained_lm(str(parent))
+
+
 def apply_adapter(model: PreTrainedModel, recipe: Recipe) -> torch.nn.Module:
     """Wrap the model with a peft LoRA adapter (QLoRA: the base was loaded in 4-bit by load_pretrained_lm)."""
     a = recipe.adapter
-    if a.kind == "none":
+    if a.kind == "none" or hasattr(model, "peft_config"):  # a parent's adapter keeps training as it is
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

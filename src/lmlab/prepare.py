@@ -31,6 +31,10 @@ class Prepared:
 
 
 def prepare(recipe: Recipe, tokenizer_dir: Path | None = None) -> Prepared:
+    if tokenizer_dir is None and recipe.model.init_from is not None:
+        from lmlab.checkpoint import resolve_init_from
+
+        tokenizer_dir = resolve_init_from(recipe.model.init_from, recipe)  # a child keeps its parent's tokens
     if recipe.run.task == "lm":
         return _prepare_lm(recipe, tokenizer_dir)
     if recipe.run.task == "sft":

@@ -156,6 +156,15 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
         ledger.log_dict(env, "environment.json")
         for name, report in prep.artifacts.items():
             ledger.log_dict(report, f"{name}.json")
+        if recipe.model.init_from is not None:
+            parent = ckpt.resolve_init_from(recipe.model.init_from, recipe)
+            parent_meta = ckpt.read_meta(parent) if (parent / "meta.json").exists() else {}
+            ledger.set_tags({"lmlab.parent_run": parent_meta.get("run_id", ""), "lmlab.parent_checkpoint": str(parent)})
+            if recipe.model.init_optimizer:
+                state = ckpt.load_trainer_state(parent)
+                if state is None:
+                    raise LmlabError(f"model.init_optimizer: {parent} has no optimizer state; set it to false")
+                optimizer.load_state_dict(state["optimizer"])
         git = git_state()
         if git is not None:
             ledger.set_tags({"git.commit": git["commit"], "git.dirty": git["dirty"]})
