@@ -147,8 +147,8 @@ def test_identical_responses_are_counted_and_can_be_dropped():
 def test_pair_config_rejects_inconsistent_settings():
     with pytest.raises(ValueError, match="identical_probs: P\\(A\\) and P\\(B\\) must be equal"):
         PairConfig(identical_probs=(0.5, 0.3, 0.2))
-    with pytest.raises(ValueError, match="lora_r: LoRA is available with architecture sequence_classification"):
-        PairConfig(lora_r=8)
+    with pytest.raises(ValueError, match="one_hot_columns: needs three different columns"):
+        PairConfig(one_hot_columns=("w", "w", "t"))
 
 
 def test_budget_fills_unused_share_and_treats_a_and_b_alike():
@@ -180,3 +180,16 @@ def test_metrics_and_baselines_on_a_small_example():
     assert s["baseline_longer_accuracy"] == 0.5 and s["baseline_majority_accuracy"] == 1.0
     assert s["baseline_longer_log_loss"] == pytest.approx(-(np.log(3 / 6) + np.log(2 / 6)) / 2)
     assert s["baseline_majority_log_loss"] == pytest.approx(-np.log(3 / 7))
+
+
+def test_check_before_splitting_names_records_in_file_order():
+    from types import SimpleNamespace
+
+    from lmlab.pairs import check_pair_records
+
+    recipe = SimpleNamespace(data=SimpleNamespace(path="prefs.jsonl", hf_dataset=None), run=SimpleNamespace(seed=0),
+                             pair=PairConfig(prompt_columns=[]))
+    recs = [{"response_a": "x", "response_b": "y", "winner": w} for w in ["a", "b", "tie", "A wins"]]
+    with pytest.raises(LmlabError, match=r"^prefs.jsonl: column 'winner' .* 1 of 4 records \(e.g. record 4: 'A wins'\)$"):
+        check_pair_records(recipe, recs)
+    assert check_pair_records(recipe, recs[:3]).labels == {"a": 1, "b": 1, "tie": 1}

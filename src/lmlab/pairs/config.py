@@ -6,7 +6,7 @@ class 0 = A wins, 1 = B wins, 2 = tie.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -65,10 +65,11 @@ class PairConfig(Section):
     )
     # --- how a pair becomes tokens (data.max_length is the token limit of one sequence)
     architecture: Literal["cross", "bi", "sequence_classification"] = Field(
-        "cross", description="cross: prompt, A and B in one sequence → encoder → pooled → MLP head; bi: A and B "
-        "encoded separately (prompt prepended to each) → pooled → [a, b, a−b, a·b] → MLP head; "
-        "sequence_classification: the cross sequence into AutoModelForSequenceClassification (decoder LLMs, "
-        "optionally with LoRA)"
+        "cross", description="cross: prompt, A and B in one sequence → encoder → A's and B's tokens pooled → "
+        "[a, b, a−b, a·b] → MLP head; bi: A and B encoded separately (prompt prepended to each) → pooled → "
+        "[a, b, a−b, a·b] → MLP head; "
+        "sequence_classification: the cross sequence into AutoModelForSequenceClassification (decoder LLMs; "
+        "LoRA/QLoRA through the adapter section)"
     )
     include_prompt: bool = Field(True, description="Put the prompt in the sequence(s); false = responses only")
     prompt_budget: float = Field(
@@ -82,15 +83,12 @@ class PairConfig(Section):
         "right", description="Which end of a long response is cut: right keeps its start"
     )
     # --- model
-    pooling: Literal["mean", "cls"] = Field("mean", description="cross/bi: mean of token states or the first token's")
+    pooling: Literal["mean", "cls"] = Field(
+        "mean", description="bi: a response is the mean of its token states or the first token's (cross always "
+        "takes the mean over each response's tokens)"
+    )
     head_hidden: int = Field(256, gt=0, description="cross/bi: hidden width of the MLP head")
     head_dropout: float = Field(0.1, ge=0, lt=1, description="cross/bi: dropout in the MLP head")
-    lora_r: int | None = Field(
-        None, gt=0, description="sequence_classification: LoRA rank on all linear layers (head trained fully); "
-        "null = full fine-tuning"
-    )
-    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input")
     # --- order bias
     swap_augment: bool = Field(
         True, description="Train on every pair in both orders (A↔B, label swapped): one epoch = 2 × pairs"
@@ -109,7 +107,9 @@ class PairConfig(Section):
                 raise ValueError(f"identical_probs: must be three probabilities >= 0 summing to 1 (got {list(p)})")
             if p[0] != p[1]:
                 raise ValueError(f"identical_probs: P(A) and P(B) must be equal for equal responses (got {list(p)})")
-        if self.lora_r is not None and self.architecture != "sequence_classification":
-            raise ValueError(f"lora_r: LoRA is available with architecture sequence_classification, not "
-                             f"'{self.architecture}'; unset lora_r or change the architecture")
         return self
+
+
+def pair_config(recipe: Any) -> PairConfig:
+    """The recipe's `pair:` section, or its defaults when the recipe has none."""
+    return getattr(recipe, "pair", None) or PairConfig()

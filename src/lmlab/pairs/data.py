@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lmlab.errors import LmlabError
-from lmlab.pairs.config import PairConfig
+from lmlab.pairs.config import PairConfig, pair_config
 
 A_WINS, B_WINS, TIE = 0, 1, 2
 LABEL_NAMES = ("a", "b", "tie")
@@ -141,6 +141,13 @@ def records_to_pairs(records: list[dict[str, Any]], cfg: PairConfig, *, seed: in
     counts = Counter(p.label for p in pairs)
     report.labels = {name: counts.get(k, 0) for k, name in enumerate(LABEL_NAMES)}
     return pairs, report
+
+
+def check_pair_records(recipe: Any, records: list[dict[str, Any]]) -> PairDataReport:
+    """Convert all records once before splitting, so an error names records in file order (1-based);
+    returns the whole data's report. Raises LmlabError like `records_to_pairs`."""
+    source = str(recipe.data.path or recipe.data.hf_dataset)
+    return records_to_pairs(records, pair_config(recipe), seed=recipe.run.seed, source=source)[1]
 
 
 def label_source(cfg: PairConfig, first: dict[str, Any], source: str) -> str:

