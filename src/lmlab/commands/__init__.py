@@ -1,3 +1,4 @@
 """CLI command groups beyond run/validate/runs. Each module registers its commands on `lmlab.cli.app`;
 `lmlab.cli` imports them all at the bottom. Commands stay thin: parse, call one library function, print."""
 from lmlab.commands import compare  # noqa: F401
+from lmlab.commands import finetune  # noqa: F401

@@ -1,0 +1,135 @@
+"""Commands for fine-tuned runs: `lmlab generate`, `lmlab export`, `lmlab eval-json`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lmlab.cli import app
+from lmlab.console import console, err_console
+
+RunRef = Annotated[str, typer.Argument(help="Run id (or unique prefix) or a checkpoint / run folder")]
+OutputDirOpt = Annotated[str, typer.Option("--output-dir", help="Workspace whose ledger resolves run ids")]
+BaseOpt = Annotated[str | None, typer.Option("--base", help="Adapter runs: load the base model from here "
+                                                "instead of the recipe's model.pretrained")]
+
+
+@app.command()
+def generate(
+    run: RunRef,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable); the run's "
+                                                        "template wraps it")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="File of prompts: .txt one per line, .jsonl records")] = None,
+    compare: Annotated[list[str] | None, typer.Option("--compare", help="Also run these runs on the same "
+                                                         "prompts, side by side (repeatable)")] = None,
+    preset: Annotated[str | None, typer.Option(help="Sampling preset: greedy, sample, creative, contrastive "
+                                                  "or one of the recipe's generation.presets")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest tokens (contrastive: candidates)")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="> 1 discourages repeats")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation budget")] = None,
+    penalty_alpha: Annotated[float | None, typer.Option(help="> 0: contrastive search with top_k")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Extra stop string (repeatable)")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts generated together")] = 8,
+    no_log: Annotated[bool, typer.Option("--no-log", help="Do not record the generations in the ledger")] = False,
+    output_dir: OutputDirOpt = "lmlab-runs",
+):
+    """Generate from a run with its own prompt template; stops at EOS and the template's end of turn."""
+    from lmlab.errors import LmlabError
+    from lmlab.generate import generate_side_by_side, read_prompts
+
+    items: list = list(prompt or [])
+    if prompts is not None:
+        items += read_prompts(prompts)
+    if not items:
+        raise LmlabError("lmlab generate: give --prompt TEXT or --prompts FILE")
+    overrides = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty,
+                 "max_new_tokens": max_new_tokens, "penalty_alpha": penalty_alpha, "seed": seed, "stop": stop}
+    result = generate_side_by_side([run, *(compare or [])], items, preset=preset, overrides=overrides,
+                                   output_dir=output_dir, batch_size=batch_size, log=not no_log)
+    labels, columns = result["labels"], result["columns"]
+    if len(labels) == 1:
+        for prompt_text, g in zip(result["prompts"], columns[0], strict=True):
+            console.rule(style="dim")
+            console.print(f"[dim]{prompt_text}[/]", end="", markup=True, soft_wrap=True)
+            console.print(g.text, markup=False, soft_wrap=True)
+            console.print(f"[dim]({g.n_tokens} tokens, stopped: {g.stop_reason})[/]")
+    else:
+        table = Table(show_lines=True)
+        table.add_column("prompt", overflow="fold")
+        for label in labels:
+            table.add_column(label, overflow="fold")
+        for i, prompt_text in enumerate(result["prompts"]):
+            table.add_row(prompt_text, *(f"{col[i].text}\n[dim]({col[i].stop_reason})[/]" for col in columns))
+        console.print(table)
+    for label, artifact in zip(labels, result["logged"], strict=True):
+        if artifact:
+            err_console.print(f"[dim]logged to run {label}: {artifact}[/]")
+
+
+@app.command()
+def export(
+    run: RunRef,
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder to write the model to")],
+    merge: Annotated[bool, typer.Option("--merge", help="Fold the LoRA adapter into the base (verified)")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write even when the merge check fails")] = False,
+    max_examples: Annotated[int, typer.Option(help="Held-out examples the merge check scores")] = 200,
+    tol_logits: Annotated[float | None, typer.Option(help="Largest allowed |logit| difference (default by precision)")] = None,
+    tol_loss: Annotated[float | None, typer.Option(help="Largest allowed loss difference in nats")] = None,
+    base: BaseOpt = None,
+    output_dir: OutputDirOpt = "lmlab-runs",
+):
+    """Write a run's best checkpoint as a standalone Hugging Face folder (adapter, or merged with --merge)."""
+    from lmlab.export import MergeRejected, export_checkpoint
+
+    try:
+        result = export_checkpoint(run, out, merge=merge, force=force, output_dir=output_dir, base=base,
+                                   max_examples=max_examples, tol_logits=tol_logits, tol_loss=tol_loss)
+    except MergeRejected as e:
+        for line in e.check.lines():
+            err_console.print(line, markup=False, soft_wrap=True)
+        raise
+    if result.check is not None:
+        for line in result.check.lines():
+            console.print(line, markup=False, soft_wrap=True)
+    for note in result.notes:
+        console.print(f"note: {note}")
+    forced = " (merge check FAILED, forced)" if result.check is not None and not result.check.ok else ""
+    console.print(f"exported {result.kind} model from {result.source} → {result.out_dir}{forced}")
+
+
+@app.command("eval-json")
+def eval_json_command(
+    run: RunRef,
+    split: Annotated[str | None, typer.Option(help="train, val or test (default: eval.json.split, else val)")] = None,
+    schema: Annotated[Path | None, typer.Option(help="JSON Schema file the outputs must match")] = None,
+    field: Annotated[list[str] | None, typer.Option("--field", help="Compare only these top-level fields")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Check only the first N examples")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation budget per example")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Prompts generated together")] = None,
+    no_log: Annotated[bool, typer.Option("--no-log", help="Do not record the result in the ledger")] = False,
+    base: BaseOpt = None,
+    output_dir: OutputDirOpt = "lmlab-runs",
+):
+    """Generate for a split and report how many outputs parse as JSON, match a schema and equal the reference."""
+    from lmlab.errors import LmlabError
+    from lmlab.evaluate import JsonEvalConfig, eval_json
+    from lmlab.generate import load_checkpoint
+
+    loaded = load_checkpoint(run, output_dir=output_dir, base=base)
+    section = getattr(loaded.recipe.eval, "json", None)  # the recipe's eval.json, when the schema has it
+    settings = section.model_dump() if section is not None else {}
+    given = {"split": split, "fields": field, "json_schema": str(schema.resolve()) if schema else None,
+             "max_examples": max_examples, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    try:
+        cfg = JsonEvalConfig(**{**settings, **{k: v for k, v in given.items() if v is not None}})
+    except ValueError as e:
+        raise LmlabError(f"eval-json: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+    report = eval_json(loaded, cfg, log=not no_log)
+    for line in report.lines():
+        console.print(line, markup=False)
