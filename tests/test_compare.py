@@ -86,3 +86,16 @@ def test_cli_compare(sweep):
                           (["--name", "*", "--csv", "--markdown"], "choose one of --markdown and --csv")]:
         out = run.invoke(app, ["compare", *args, "--uri", uri])
         assert isinstance(out.exception, LmlabError) and message in str(out.exception), (args, out.output)
+
+
+def test_unrecorded_fields_compare_as_their_defaults():
+    from lmlab.runs import RunRow
+
+    rows = [RunRow("a", "a", "FINISHED", 0.0, 1.0, {"train.lr": "0.1"}),
+            RunRow("b", "b", "FINISHED", 0.0, 1.0, {"train.lr": "0.1", "train.betas": "[0.9, 0.95]",
+                                                    "alerts.early_stop_patience": "None"}),
+            RunRow("c", "c", "FINISHED", 0.0, 1.0, {"train.lr": "0.2", "train.betas": "[0.9, 0.99]"})]
+    assert differing_params(rows[:2]) == []
+    assert differing_params(rows) == ["train.lr", "train.betas"]
+    assert [c.values for c in compare(rows).columns if c.key == "train.betas"] == [
+        ["[0.9, 0.95]", "[0.9, 0.95]", "[0.9, 0.99]"]]

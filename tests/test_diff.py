@@ -198,3 +198,17 @@ def test_cli_diff_prints_what_the_user_sees(runs, monkeypatch):
     assert out.output.splitlines()[2:] == ["no differences in recorded inputs"]
     out = CliRunner().invoke(app, ["diff", rows["base"].run_id[:8], "nope"])
     assert out.exit_code != 0 and "no run 'nope' in the ledger" in str(out.exception)
+
+
+def test_a_field_added_after_a_run_counts_as_its_default():
+    """A run recorded before `train.eps` existed ran with the default: no false difference, and a real one
+    says the value was not recorded."""
+    from lmlab.runs import RunRow
+
+    old = RunRow("a" * 32, "old", "FINISHED", 0.0, 1.0, {"train.lr": "0.001"})
+    same = RunRow("b" * 32, "new", "FINISHED", 0.0, 1.0, {"train.lr": "0.001", "train.eps": "1e-08",
+                                                          "alerts.spike_mad_k": "3.0"})
+    other = RunRow("c" * 32, "new", "FINISHED", 0.0, 1.0, {"train.lr": "0.001", "train.eps": "1e-06"})
+    assert diff_runs(old, same).differences == []  # alerts.spike_mad_k only watches the run: not a cause
+    (d,) = diff_runs(old, other).differences
+    assert d.line() == "train.eps: 1e-08 → 1e-06  (default; not recorded by A)"

@@ -7,6 +7,7 @@ artifacts and metric histories.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -15,15 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from lmlab.config import Recipe
 from lmlab.errors import LmlabError
 from lmlab.ledger import client, default_uri
 from lmlab.runs import RunRow, list_runs, model_summary
 
-# Recipe fields that label or file a run but cannot change what it learns: never a "difference".
-BOOKKEEPING = ("run.name", "run.notes", "run.output_dir", "ledger.", "checkpoint.", "train.log_every")
+# Recipe fields that label, file or watch a run but cannot change what it learns: never a "difference".
+# (alerts.early_stop_* can end a run early, so they stay.)
+BOOKKEEPING = ("run.name", "run.notes", "run.output_dir", "ledger.", "checkpoint.", "train.log_every",
+               "alerts.spike_mad_k", "alerts.spike_window", "alerts.overfit_patience", "alerts.warmup_warn_fraction")
 # Derived values worth a column when they differ (a LoRA rank changes the trainable count, a batch the steps).
 DERIVED = ("derived.params_total", "derived.params_trainable", "derived.items_per_step", "derived.tokens_per_step",
            "derived.total_steps", "derived.warmup_steps")
@@ -120,6 +123,34 @@ def is_recipe_key(key: str) -> bool:
     return False
 
 
+@functools.cache
+def recipe_default(key: str) -> str | None:
+    """The schema default of a recipe field as the ledger records it (str of its JSON form), None if it has none.
+
+    A run recorded before a field existed ran with that field's behaviour as it was then, which is its default:
+    comparing with the default keeps a newer field from showing up as a difference in every older run."""
+    model: type[BaseModel] = Recipe
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None or field.exclude:
+            return None
+        sub = _section_model(field.annotation)
+        if sub is None:
+            if i != len(parts) - 1 or field.is_required():
+                return None
+            value = field.get_default(call_default_factory=True)
+            return str(TypeAdapter(field.annotation).dump_python(value, mode="json"))
+        model = sub
+    return None
+
+
+def param(row: RunRow, key: str) -> str | None:
+    """A run's recorded param; for a recipe field it did not record, the field's default."""
+    value = row.params.get(key)
+    return value if value is not None else recipe_default(key)
+
+
 def is_bookkeeping(key: str) -> bool:
     return any(key == b or (b.endswith(".") and key.startswith(b)) for b in BOOKKEEPING)
 
@@ -131,7 +162,7 @@ def differing_params(rows: list[RunRow], keep: list[str] | None = None) -> list[
     for k in keys:
         if not (is_recipe_key(k) or k in DERIVED) or is_bookkeeping(k):
             continue
-        if len({r.params.get(k) for r in rows}) > 1:
+        if len({param(r, k) for r in rows}) > 1:
             out.append(k)
     out.sort(key=lambda k: (k in DERIVED, DERIVED.index(k) if k in DERIVED else 0))  # derived ones last
     for k in keep or []:
@@ -251,7 +282,7 @@ def compare(rows: list[RunRow], *, uri: str | None = None, keep: list[str] | Non
             Column("model", "model", [model_summary(r.params) if r.params else None for r in rows], "info")]
     shown = differing_params(rows, keep) if len(rows) > 1 else list(keep or [])
     for k in shown:
-        cols.append(Column(k, HEADERS.get(k, k), [r.params.get(k) for r in rows], "param", _param_fmt(k)))
+        cols.append(Column(k, HEADERS.get(k, k), [param(r, k) for r in rows], "param", _param_fmt(k)))
 
     def metric(key: str, header: str, values: list[float | None], fmt: Callable = _num) -> None:
         if any(v is not None for v in values):

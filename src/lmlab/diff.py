@@ -23,8 +23,10 @@ from lmlab.compare import (
     duration,
     is_bookkeeping,
     is_recipe_key,
+    param,
     read_artifact,
     read_json_artifact,
+    recipe_default,
 )
 from lmlab.runs import RunRow
 
@@ -128,12 +130,25 @@ def _changed(a: dict, b: dict, keys) -> list[tuple[str, Any, Any]]:
     return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
 
 
+def _recipe_changed(a: RunRow, b: RunRow, keys) -> list[Difference]:
+    """Recipe fields that differ, a field one run did not record counting as its default (and saying so)."""
+    out = []
+    for k in keys:
+        x, y = param(a, k), param(b, k)
+        if x == y:
+            continue
+        absent = [who for who, r in (("A", a), ("B", b)) if k not in r.params and recipe_default(k) is not None]
+        note = f"default; not recorded by {' and '.join(absent)}" if absent else ""
+        out.append(Difference("config", k, _show(x), _show(y), note))
+    return out
+
+
 def _config(a: RunRow, b: RunRow) -> list[Difference]:
     keys = [k for k in dict.fromkeys([*a.params, *b.params])
             if is_recipe_key(k) and not is_bookkeeping(k) and k not in SEED_KEYS]
     rank = {s: i for i, s in enumerate(CONFIG_ORDER)}
     keys.sort(key=lambda k: rank.get(k.split(".")[0], len(rank)))
-    out = [Difference("config", k, _show(x), _show(y)) for k, x, y in _changed(a.params, b.params, keys)]
+    out = _recipe_changed(a, b, keys)
     derived = [k for k in dict.fromkeys([*a.params, *b.params]) if k.startswith("derived.") and k != "derived.device"]
     derived.sort(key=lambda k: DERIVED.index(k) if k in DERIVED else len(DERIVED))
     # consequences of the causes above (a LoRA rank changes the trainable count): listed after them
@@ -246,18 +261,18 @@ def _environment(a: RunRow, b: RunRow) -> list[Difference]:
 
 
 def _seed(a: RunRow, b: RunRow) -> list[Difference]:
-    out = []
-    for k, x, y in _changed(a.params, b.params, SEED_KEYS):
-        note = ""
-        if k == "data.split.seed":  # None means "run.seed": show what the split actually used
-            note = (f"split seed {_effective_split_seed(a)} vs {_effective_split_seed(b)}")
-        out.append(Difference("seed", k, _show(x), _show(y), note))
+    out = _recipe_changed(a, b, SEED_KEYS)
+    for d in out:
+        d.section = "seed"
+        if d.key == "data.split.seed":  # None means "run.seed": show what the split actually used
+            d.note = "; ".join(n for n in (d.note, f"split seed {_effective_split_seed(a)} vs "
+                                                     f"{_effective_split_seed(b)}") if n)
     return out
 
 
 def _effective_split_seed(r: RunRow) -> str:
-    s = r.params.get("data.split.seed")
-    return r.params.get("run.seed", "?") if s in (None, "None") else s
+    s = param(r, "data.split.seed")
+    return param(r, "run.seed") or "?" if s in (None, "None") else s
 
 
 def _metrics(a: RunRow, b: RunRow) -> list[Difference]:
