@@ -2,3 +2,4 @@
 `lmlab.cli` imports them all at the bottom. Commands stay thin: parse, call one library function, print."""
 from lmlab.commands import compare  # noqa: F401
 from lmlab.commands import finetune  # noqa: F401
+from lmlab.commands import data  # noqa: F401
