@@ -662,7 +662,7 @@ def render_plain(example: PreviewExample) -> str:
     return "".join(out)
 
 
-_SHADES = ("bold green on grey19", "bold green on grey30")  # loss tokens alternate, so boundaries show
+_SHADES = ("bold green on grey19", "bold bright_green on grey30")  # alternate per token: boundaries show
 
 
 def render_rich(example: PreviewExample) -> Text:

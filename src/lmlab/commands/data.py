@@ -85,7 +85,7 @@ def preview(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file")],
     n: Annotated[int, typer.Option("-n", help="How many examples")] = 3,
     split: Annotated[str, typer.Option(help="train, val or test")] = "train",
-    plain: Annotated[bool, typer.Option("--plain", help="Plain text: [masked]…[/masked][loss]…[/loss], [EOS], [PAD×k]")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Plain text: [masked]…[/masked][loss]…[/loss], [EOS], [PAD×k] (the default when not on a terminal)")] = False,
     set_: SetOpt = None,
 ):
     """Print training examples as the model gets them, with the loss mask visible: masked tokens dim,
@@ -97,9 +97,10 @@ def preview(
     if n < 1:
         raise LmlabError("-n: must be at least 1")
     p = build_preview(load_recipe(recipe, set_), n=n, split=split)
+    plain = plain or not console.is_terminal  # piped output has no styles: the mask would be invisible
     console.print(f"{p.recipe_name}: template {p.template}; EOS {p.eos}; padding: {p.pad}", markup=False, soft_wrap=True)
     if not plain:
-        legend = ("legend: [dim]masked (no loss)[/] [bold green on grey19]loss[/][bold green on grey30]-bearing[/] "
+        legend = ("legend: [dim]masked (no loss)[/] [bold green on grey19]loss[/][bold bright_green on grey30]-bearing[/] "
                   "(shades alternate per token) [bold white on magenta]⟨EOS⟩[/] target [magenta]⟨EOS⟩[/] masked "
                   "[dim red]⟨PAD×k⟩[/]")
         console.print(legend)
