@@ -301,3 +301,31 @@ def test_adapter_on_a_same_shape_base_is_refused_by_fingerprint(lora_run, tmp_pa
     other = make_base(tmp_path / "other", seed=1)  # same shapes, other weights
     with pytest.raises(LmlabError, match="is not the one this adapter was trained on"):
         load_checkpoint(ckpt, base=str(other))
+
+
+# ------------------------------------------------------------------------------------------ JSON check
+def test_eval_json_on_the_toy_run_parses_everything_and_logs(toy_run, toy, tmp_path):
+    from lmlab.evaluate import JsonEvalConfig, eval_json
+    from lmlab.ledger import client
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}, "required": ["n"]}
+    report = eval_json(toy, JsonEvalConfig(split="train", json_schema=schema, max_new_tokens=16))
+    assert report.n == 24 and report.parse_rate == 1.0 and report.eos_rate == 1.0
+    assert report.exact_rate == 1.0 and report.field_rates == {"n": 1.0}
+    assert 0.5 < report.schema_rate < 1.0  # the "four" answers break maximum 3
+    assert any(i.error.startswith("schema: 4 is greater than the maximum of 3") for i in report.items)
+    m = client(toy.ledger_uri).get_run(toy.run_id).data.metrics
+    assert m["json/train/parse_rate"] == 1.0 and m["json/train/field/n"] == 1.0
+
+
+def test_cli_eval_json(toy_run, tmp_path):
+    from lmlab.cli import app
+
+    _, result = toy_run
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["n"]}))
+    out = CliRunner().invoke(app, ["eval-json", str(result.best_checkpoint), "--split", "val", "--schema", str(schema),
+                                   "--max-new-tokens", "16", "--no-log"])
+    assert out.exit_code == 0, out.output
+    assert "val: 8 generations" in out.output and "parse as JSON          100.0%" in out.output
+    assert "match the JSON Schema  100.0%" in out.output and "field 'n': 100.0%" in out.output

@@ -127,6 +127,9 @@ def export_checkpoint(ref: str | os.PathLike, out_dir: str | os.PathLike, *, mer
         kind, model = "adapter", loaded.model
     else:
         kind = "merged"
+        if loaded.recipe.adapter.kind == "qlora" and not _is_four_bit(loaded.model):
+            notes.append("QLoRA adapter without CUDA: merged into the full-precision base, not the 4-bit one it "
+                         "was trained on; expect a loss change")
         merged = merged_model(loaded)
         check = verify_merge(loaded, merged, max_examples=max_examples, tol_logits=tol_logits, tol_loss=tol_loss,
                              qlora=loaded.recipe.adapter.kind == "qlora")

@@ -122,8 +122,9 @@ def eval_json_command(
     from lmlab.generate import load_checkpoint
 
     loaded = load_checkpoint(run, output_dir=output_dir, base=base)
-    section = getattr(loaded.recipe.eval, "json", None)  # the recipe's eval.json, when the schema has it
-    settings = section.model_dump() if section is not None else {}
+    # the recipe's eval.json, once config.py has it (until then `json` is pydantic's deprecated method)
+    section = getattr(loaded.recipe.eval, "json", None)
+    settings = section.model_dump() if isinstance(section, JsonEvalConfig) else {}
     given = {"split": split, "fields": field, "json_schema": str(schema.resolve()) if schema else None,
              "max_examples": max_examples, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
     try:
