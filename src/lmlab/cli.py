@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,30 +14,52 @@ from lmlab.errors import LmlabError, RecipeError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, fine-tune, evaluate and compare language models from one YAML recipe.")
 
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe field: --set train.lr=3e-4")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a recipe field: --set train.lr=3e-4")]
 
 
 @app.command()
 def run(
-    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (not needed with --resume)")] = None,
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (not needed with --resume)")] = None,
     set_: SetOpt = None,
-    resume: Annotated[Optional[str], typer.Option(help="Continue this run id from its last checkpoint")] = None,
-    output_dir: Annotated[Optional[str], typer.Option(help="Workspace holding the runs (with --resume)")] = None,
-    stop_after_steps: Annotated[Optional[int], typer.Option(help="Train this many steps, checkpoint, pause")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue this run id from its last checkpoint")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Workspace holding the runs (with --resume)")] = None,
+    stop_after_steps: Annotated[int | None, typer.Option(help="Train this many steps, checkpoint, pause")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output")] = False,
+    nproc: Annotated[int | None, typer.Option(
+        min=1, help="Processes per machine (one per GPU); starts them with accelerate launch")] = None,
+    nodes: Annotated[int | None, typer.Option(min=1, help="Machines taking part (docs/multi-node.md)")] = None,
+    node_rank: Annotated[int, typer.Option(min=0, help="This machine's rank among --nodes; 0 = main")] = 0,
+    main_address: Annotated[str | None, typer.Option(help="Address of the main machine (several nodes)")] = None,
+    main_port: Annotated[int | None, typer.Option(help="Rendezvous port on the main machine")] = None,
 ):
     """Train a recipe end to end (or resume a run), recording everything in the ledger."""
-    from lmlab.config import load_recipe
-    from lmlab.train import resume_run, train
+    import shlex
+    import subprocess
 
-    if resume is not None and recipe is None:
-        result = resume_run(resume, output_dir=output_dir, stop_after_steps=stop_after_steps, quiet=quiet)
-    elif recipe is None:
+    from lmlab import distributed
+    from lmlab.config import load_recipe
+    from lmlab.train import resume_recipe, train
+
+    if recipe is None and resume is None:
         raise LmlabError("lmlab run: give a recipe file, or --resume RUN_ID")
+    if recipe is None:  # the recipe the run started with; --set may change e.g. grad_accum for another world size
+        r, resume_from = resume_recipe(resume, output_dir=output_dir, overrides=set_)
     else:
-        r = load_recipe(recipe, set_)
-        result = train(r, resume=resume, stop_after_steps=stop_after_steps, quiet=quiet)
-    if quiet:
+        r, resume_from = load_recipe(recipe, set_), resume
+    if distributed.needs_launch(r.distributed, nproc, nodes):
+        distributed.preflight(r.distributed)  # one clear error here rather than one per process
+        args = [str(recipe.resolve())] if recipe is not None else []
+        args += [a for s in set_ or [] for a in ("--set", s)]
+        for flag, value in (("--resume", resume), ("--output-dir", output_dir), ("--stop-after-steps", stop_after_steps)):
+            args += [flag, str(value)] if value is not None else []
+        args += ["--quiet"] if quiet else []
+        cmd = distributed.launch_command(args, r.distributed, nproc=nproc, nodes=nodes, node_rank=node_rank,
+                                         main_address=main_address, main_port=main_port)
+        if not quiet:
+            console.print(f"launching: {shlex.join(cmd)}", soft_wrap=True)
+        raise typer.Exit(subprocess.call(cmd, env=distributed.launch_env()))
+    result = train(r, resume=resume_from, stop_after_steps=stop_after_steps, quiet=quiet)
+    if quiet and distributed.main_process():
         console.print(f"{result.run_id} {result.status} step {result.step}")
     if result.status == "PAUSED":
         raise typer.Exit(0)
@@ -55,12 +77,20 @@ def validate(recipe: Path, set_: SetOpt = None):
 @app.command()
 def runs(
     output_dir: Annotated[str, typer.Option(help="Workspace whose sqlite ledger to read")] = "lmlab-runs",
-    uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: $LMLAB_TRACKING_URI or the workspace's sqlite)")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Only runs whose name matches this glob, e.g. 'alpaca-*'")] = None,
+    uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $LMLAB_TRACKING_URI or the workspace's sqlite)")] = None,
+    name: Annotated[str | None, typer.Option(help="Only runs whose name matches this glob, e.g. 'alpaca-*'")] = None,
     limit: Annotated[int, typer.Option(help="Newest N runs")] = 50,
+    lineage: Annotated[str | None, typer.Option("--lineage", help="Show this run's chain instead: its ancestors and descendants linked by model.init_from")] = None,
 ):
     """List runs: name, status, key hyperparameters, best validation loss, duration."""
     from lmlab.runs import list_runs, runs_table
+
+    if lineage is not None:
+        from lmlab.lineage import lineage as run_lineage
+        from lmlab.lineage import lineage_table
+
+        console.print(lineage_table(run_lineage(lineage, uri, output_dir=output_dir), focus=lineage))
+        return
 
     rows = list_runs(uri=uri, output_dir=output_dir, name=name, limit=limit)
     if not rows:
@@ -86,6 +116,3 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
 
-
-if __name__ == "__main__":
-    main()

@@ -62,8 +62,9 @@ class DataConfig(Section):
     hf_dataset: str | None = Field(None, description="Hugging Face dataset id, used when `path` is not set")
     hf_config: str | None = Field(None, description="Configuration name of the Hugging Face dataset")
     hf_split: str = Field("train", description="Which split of the Hugging Face dataset to read")
-    format: Literal["auto", "text", "csv", "json", "jsonl"] = Field(
-        "auto", description="File format; auto = from the file extension"
+    format: Literal["auto", "text", "csv", "json", "jsonl", "persona_chat"] = Field(
+        "auto", description="File format; auto = from the file extension; persona_chat = Synthetic-Persona-Chat "
+        "CSV (a file, or a folder of *.csv) read as chat records with the persona as system message"
     )
     text_column: str = Field("text", description="Column holding the text (task lm); for .txt files each line is ignored, the whole file is one document unless `one_document_per_line`")
     one_document_per_line: bool = Field(False, description="For .txt files: every non-empty line is a document")
@@ -251,6 +252,12 @@ class LedgerConfig(Section):
     enabled: bool = Field(True, description="false = record nothing (quick experiments)")
 
 
+# the distributed section lives beside its launcher; imported here, after Section, which it builds on
+from lmlab.alerts import AlertsConfig  # noqa: E402
+from lmlab.distributed import DistributedConfig  # noqa: E402
+from lmlab.pairs.config import PairConfig  # noqa: E402
+
+
 class Recipe(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
@@ -261,6 +268,9 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    pair: PairConfig = Field(default_factory=PairConfig, description="task pair_classify: columns, encoding, model")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     # Where the recipe came from: data paths resolve relative to it. Not part of the recipe's content.
     source_path: str | None = Field(None, exclude=True, description="(set by load_recipe)")
@@ -289,7 +299,12 @@ class Recipe(Section):
         return yaml.safe_dump(self.resolved(), sort_keys=False)
 
     def resolve_model_path(self, name: str) -> str:
-        """A model/tokenizer folder relative to the recipe or $LMLAB_MODELS if it exists there, else a hub id."""
+        """A model/tokenizer folder relative to the recipe or $LMLAB_MODELS if it exists there, else a hub id.
+        'pkg:<module>' names weights shipped inside a Python package (its get_model_path())."""
+        if name.startswith("pkg:"):
+            from lmlab.pairs.models import resolve_pretrained
+
+            return resolve_pretrained(self, name)
         if Path(name).is_absolute():
             return name
         bases = [Path(self.source_path).parent] if self.source_path else []
@@ -313,7 +328,7 @@ class Recipe(Section):
                 candidates.append(Path(os.environ["LMLAB_DATA"]) / path)
             candidates.append(Path.cwd() / path)
         for c in candidates:
-            if c.is_file():
+            if c.is_file() or (c.is_dir() and self.data.format == "persona_chat"):
                 return c.resolve()
         where = ", ".join(str(c) for c in dict.fromkeys(candidates))
         hint = "" if os.environ.get("LMLAB_DATA") else "; set LMLAB_DATA to the folder holding the data sets"
@@ -329,7 +344,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | di
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise RecipeError([f"recipe file not found; check the path"], source)
+            raise RecipeError(["recipe file not found; check the path"], source)
         text = p.read_text()
         try:
             raw = yaml.safe_load(text) or {}
@@ -427,7 +442,7 @@ def _yaml_line(text: str, loc: tuple, partial: bool = False) -> int | None:
     except yaml.YAMLError:
         return None
     line = None
-    for i, part in enumerate(loc):
+    for part in loc:
         if isinstance(node, yaml.MappingNode):
             match = next(((k, v) for k, v in node.value if k.value == part), None)
             if match is None:

@@ -8,7 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -75,6 +82,10 @@ class Reporter:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("/tokens"))
         (self._progress.console if self._progress else console).print(f"  step {step}: {shown}")
 
+    def alert(self, text: str) -> None:
+        if self.enabled:
+            (self._progress.console if self._progress else console).print(f"  [yellow]alert:[/] {text}")
+
     def note(self, text: str) -> None:
         if self.enabled:
             console.print(f"  {text}")
@@ -89,9 +100,13 @@ class Reporter:
             return
         m = result.metrics
         console.print(f"[bold green]done[/] run {result.run_id} in {result.step} steps")
-        for key in ("val/loss", "val/loss_per_char", "val/ppl", "test/loss", "test/loss_per_char"):
-            if key in m:
-                unit = " nats/char" if key.endswith("per_char") else (" nats/token" if key.endswith("loss") else "")
-                console.print(f"  {key} {m[key]:.4f}{unit}")
+        lm = "val/ppl" in m  # token losses; classifiers report accuracy and log loss per example
+        for split in ("val", "test"):
+            for name in ("loss", "loss_per_char", "ppl", "accuracy", "log_loss", "baseline_majority_accuracy",
+                         "baseline_longer_accuracy"):
+                key = f"{split}/{name}"
+                if key in m and not (name == "loss" and not lm):
+                    unit = {"loss": " nats/token", "loss_per_char": " nats/char"}.get(name, "")
+                    console.print(f"  {key} {m[key]:.4f}{unit}")
         if result.best_checkpoint:
             console.print(f"  best checkpoint {result.best_checkpoint}")

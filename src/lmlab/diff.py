@@ -8,8 +8,6 @@ what follows from them (derived sizes) and what came out (metrics). Two runs wit
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from collections import Counter
@@ -28,6 +26,7 @@ from lmlab.compare import (
     read_json_artifact,
     recipe_default,
 )
+from lmlab.data.splits import example_hashes  # noqa: F401  (diff compares these per split)
 from lmlab.runs import RunRow
 
 SECTIONS = ("config", "data", "code", "environment", "seed", "derived", "metrics")
@@ -36,16 +35,6 @@ SEED_KEYS = ("run.seed", "data.split.seed")
 CONFIG_ORDER = ("model", "adapter", "train", "data", "tokenizer", "eval")
 ENV_ORDER = ("pkg.", "device", "gpu", "dtype", "threads", "gpu_count", "python", "cpu", "cpu_count", "platform")
 SPLIT_HASHES = "split_hashes.json"
-
-
-def example_hashes(examples: list[Any]) -> list[str]:
-    """A short sha256 per example (the same canonical JSON as the split fingerprint), in split order.
-
-    Logged per split as the `split_hashes.json` artifact, they let `lmlab diff` count how many examples two
-    runs' splits do not share, not only that their fingerprints differ. 16 hex digits = 64 bits: no
-    accidental collision in any data set this tool will see."""
-    return [hashlib.sha256(json.dumps(ex, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
-            for ex in examples]
 
 
 def count_example_changes(a: list[str], b: list[str]) -> tuple[int, int]:

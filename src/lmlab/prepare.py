@@ -13,7 +13,7 @@ from lmlab.causal_lm import CausalLMTask
 from lmlab.config import Recipe
 from lmlab.data.lm import BlockView, collate_blocks, tokenize_documents
 from lmlab.data.sources import column, load_records
-from lmlab.data.splits import fingerprint, split_records
+from lmlab.data.splits import example_hashes, fingerprint, split_records
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import build_tokenizer, load_pretrained, tokenizer_hash
 
@@ -39,7 +39,30 @@ def prepare(recipe: Recipe, tokenizer_dir: Path | None = None) -> Prepared:
         return _prepare_lm(recipe, tokenizer_dir)
     if recipe.run.task == "sft":
         return _prepare_sft(recipe, tokenizer_dir)
-    raise LmlabError(f"run.task: '{recipe.run.task}' is not available in this build; use 'lm' or 'sft'")
+    return _prepare_pairs(recipe, tokenizer_dir)
+
+
+def _prepare_pairs(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
+    from lmlab.pairs.data import check_pair_records
+    from lmlab.pairs.models import build_pair_model, resolve_pretrained
+    from lmlab.pairs.task import build_pair_task
+
+    name = recipe.tokenizer.name_or_path or recipe.model.pretrained
+    if tokenizer_dir is None and name is None:
+        raise LmlabError("model.pretrained: task pair_classify needs a pretrained model; set model.pretrained")
+    tokenizer = load_pretrained(str(tokenizer_dir) if tokenizer_dir else resolve_pretrained(recipe, name))
+    records = load_records(recipe)
+    check_pair_records(recipe, records)  # before splitting: errors name rows in file order
+    splits, info, filter_report = curated_splits(recipe, records, tokenizer)
+    task = build_pair_task(recipe, {k: v for k, v in splits.items() if v}, tokenizer)
+    model = build_pair_model(recipe, tokenizer)
+    info.update(task.info)
+    info.update({"tokenizer.hash": tokenizer_hash(tokenizer), "tokenizer.vocab_size": len(tokenizer)})
+    artifacts = {**task.artifacts, "split_hashes": {k: example_hashes(v) for k, v in splits.items()}}
+    if filter_report:
+        artifacts["filters"] = filter_report
+    return Prepared(task, tokenizer, model, {k: fingerprint(v) for k, v in splits.items()}, info, artifacts,
+                    checkpoint_files=task.checkpoint_files, notes=task.notes)
 
 
 def curated_splits(recipe: Recipe, records: list, tokenizer=None) -> tuple[dict[str, list], dict[str, Any], dict]:
@@ -107,14 +130,22 @@ def _prepare_lm(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
         info[f"data.{name}.chars"] = s.n_chars
     info["data.train.blocks"] = len(sets["train"])
     info["data.train.tokens_unused"] = len(streams["train"].ids) - 1 - len(sets["train"]) * block
-    return Prepared(task, tokenizer, model, {name: fingerprint(s) for name, s in splits.items()}, info,
-                    artifacts={"filters": filter_report} if filter_report else {})
+    artifacts = {"split_hashes": {name: example_hashes(split) for name, split in splits.items()}}
+    if filter_report:
+        artifacts["filters"] = filter_report
+    return Prepared(task, tokenizer, model, {name: fingerprint(s) for name, s in splits.items()}, info, artifacts)
 
 
 def _prepare_sft(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
     from functools import partial
 
-    from lmlab.data.packing import collate_packed, collate_padded, pack_examples, packed_attention, packing_efficiency
+    from lmlab.data.packing import (
+        collate_packed,
+        collate_padded,
+        pack_examples,
+        packed_attention,
+        packing_efficiency,
+    )
     from lmlab.data.sft import pad_token_id, tokenize_sft
     from lmlab.data.templates import template_from_config
 
@@ -129,7 +160,9 @@ def _prepare_sft(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
     records = load_records(recipe)
     splits, info, filter_report = curated_splits(recipe, records, tokenizer)
     template = template_from_config(recipe.data, tokenizer)
-    examples, notes, artifacts = {}, [], {"template": template.to_dict()}
+    examples, notes = {}, []
+    artifacts = {"template": template.to_dict(),
+                 "split_hashes": {name: example_hashes(recs) for name, recs in splits.items()}}
     for split, recs in splits.items():
         if not recs:
             examples[split] = []
@@ -162,9 +195,7 @@ def _prepare_sft(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
 
 
 def _build_model(recipe: Recipe, tokenizer) -> torch.nn.Module:
-    from lmlab.models import build_causal_lm
-
-    from lmlab.models import apply_adapter
+    from lmlab.models import apply_adapter, build_causal_lm
 
     model = build_causal_lm(recipe, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
     if recipe.model.gradient_checkpointing:

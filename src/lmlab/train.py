@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from lmlab import checkpoint as ckpt
+from lmlab import distributed
+from lmlab.alerts import Alerts
 from lmlab.config import Recipe, load_recipe
 from lmlab.console import Reporter
 from lmlab.environment import environment, git_state
@@ -76,8 +77,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     transformers.utils.logging.disable_progress_bar()  # our own bar is the only one
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if t.precision == "bf16" else "no")
+    accelerator = distributed.make_accelerator(recipe)  # checks the launcher started what the recipe asks for
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     out = Reporter(enabled=main and not quiet)
 
@@ -95,7 +95,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
                               artifact_root=Path(recipe.run.output_dir) / "mlartifacts")
         run_id = ledger.run_id
     run_id = broadcast_object_list([run_id])[0] if world > 1 else run_id
-    run_dir = Path(recipe.run.output_dir) / "runs" / run_id
+    run_dir = (Path(recipe.run.output_dir) / "runs" / run_id).resolve()  # absolute: ledger paths work from anywhere
     # seeded before the model is built: initial weights depend on run.seed only
     torch.manual_seed(seed)
     prep = prepare(recipe, tokenizer_dir=resume_from)
@@ -122,12 +122,17 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     if recipe.run.task == "lm":
         derived["derived.tokens_per_step"] = per_step * recipe.model.block_size
     out.start(recipe, run_id, run_dir, derived)
+    alerts = Alerts(recipe.alerts, total_steps, warmup, best_metric=recipe.eval.best_metric,
+                    best_mode=recipe.eval.best_mode)
     for line in prep.notes:
         out.note(line)
 
     optimizer = make_optimizer(recipe, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
         s, lr=1.0, min_lr=t.min_lr / t.lr, warmup=warmup, total=total_steps, schedule=t.schedule))
+    if resume_from is not None:  # weights before prepare: ZeRO and FSDP copy or shard them there
+        ckpt.load_model_weights(model, resume_from)
+    groups = distributed.parameter_names(model, optimizer)  # ZeRO and FSDP replace the parameters in prepare
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.compile:
         model = torch.compile(model)
@@ -136,11 +141,11 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     if resume_from is not None:
         meta = ckpt.read_meta(resume_from)
         _check_same_data(meta, prep.fingerprints)
-        ckpt.load_model_weights(accelerator.unwrap_model(model), resume_from)
+        _check_same_batch(meta, per_step, t.batch_size, t.grad_accum, world)
         state = ckpt.load_trainer_state(resume_from)
         if state is None:
             raise LmlabError(f"--resume: {resume_from} has no optimizer state (checkpoint.save_optimizer was false)")
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(accelerator, model, optimizer, groups, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         step, best_value, best_path = meta["step"], meta.get("best_value"), meta.get("best_checkpoint")
@@ -164,7 +169,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
                 state = ckpt.load_trainer_state(parent)
                 if state is None:
                     raise LmlabError(f"model.init_optimizer: {parent} has no optimizer state; set it to false")
-                optimizer.load_state_dict(state["optimizer"])
+                distributed.load_optimizer_state(accelerator, model, optimizer, groups, state["optimizer"])
         git = git_state()
         if git is not None:
             ledger.set_tags({"git.commit": git["commit"], "git.dirty": git["dirty"]})
@@ -174,24 +179,36 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
 
     def save(step: int, metrics: dict[str, float]) -> Path | None:
         accelerator.wait_for_everyone()
+        # every process takes part: ZeRO and FSDP gather full weights and optimizer state from their shards
+        saved_model, saved_optimizer = distributed.gather_for_checkpoint(
+            accelerator, model, optimizer if recipe.checkpoint.save_optimizer else None, groups)
         if not main:
             return None
         meta = {"run_id": run_id, "epoch": step // steps_per_epoch, "position_in_epoch": step % steps_per_epoch,
                 "metrics": metrics, "best_value": best_value, "best_checkpoint": str(best_path) if best_path else None,
                 "fingerprints": prep.fingerprints, "lmlab_version": _version(), "task": recipe.run.task,
-                "recipe_source": recipe.source_path}
-        path = ckpt.save_checkpoint(run_dir, step, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
+                "recipe_source": recipe.source_path, "items_per_step": per_step, "world_size": world,
+                "strategy": recipe.distributed.strategy}
+        path = ckpt.save_checkpoint(run_dir, step, model=saved_model, tokenizer=tokenizer,
                                     meta=meta, recipe_yaml=recipe.to_yaml(), files=prep.checkpoint_files,
-                                    optimizer=optimizer if recipe.checkpoint.save_optimizer else None,
-                                    scheduler=scheduler)
+                                    optimizer=saved_optimizer, scheduler=scheduler)
         ckpt.prune(run_dir, recipe.checkpoint.keep_last, best_path if recipe.checkpoint.keep_best else None)
         return path
 
     def evaluate(split, prefix):
         return task.evaluate(model, split, prefix, device=accelerator.device, autocast=accelerator.autocast)
 
+    def report_alerts(raised, step):
+        for alert in raised:
+            out.alert(alert.message)
+        if raised:
+            ledger.log_metrics(alerts.counts(), step)
+            ledger.log_dict(alerts.to_dict(), "alerts.json")
+
+    report_alerts(alerts.on_start(), step)
     # ---- the loop
     model.train()
+    backward_kwargs = distributed.backward_kwargs(accelerator)  # DeepSpeed: the loss is normalised already
     status, reason, metrics, history = "FINISHED", None, {}, []
     start_step, order_epoch, order = step, -1, None
     window = {"loss": 0.0, "items": 0, "tokens": 0, "steps": 0, "t0": time.perf_counter()}
@@ -216,16 +233,18 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
             loss_sum, tokens = torch.zeros((), device=accelerator.device), 0
             for a, batch in enumerate(micro):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                sync = accelerator.no_sync(model) if a < t.grad_accum - 1 else contextlib.nullcontext()
+                last = a == t.grad_accum - 1  # DeepSpeed steps inside this backward; others after the loop
+                sync = contextlib.nullcontext() if last else distributed.accumulating(accelerator, model)
                 with sync, accelerator.autocast():
                     nll, _ = task.loss(model, batch)
-                    accelerator.backward(nll * scale)
+                    accelerator.backward(nll * scale, **backward_kwargs)
                 loss_sum += nll.detach()
                 tokens += task.tokens(batch)
             loss_sum = accelerator.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum
             step_loss = float(loss_sum) / max(float(items), 1.0)
             if not math.isfinite(step_loss):
                 status, reason = "FAILED", f"loss became {step_loss} at step {step + 1}; last good checkpoint kept"
+                report_alerts(alerts.on_train(step + 1, step_loss), step + 1)
                 break
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad or float("inf"))
             optimizer.step()
@@ -237,6 +256,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
             window["steps"] += 1
             window["tokens"] += tokens * world
             out.advance(step, step_loss, scheduler.get_last_lr()[0])
+            report_alerts(alerts.on_train(step, step_loss), step)
 
             if step % t.log_every == 0 or step == total_steps:
                 dt = time.perf_counter() - window["t0"]
@@ -256,12 +276,15 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
                     ledger.log_metrics(metrics, step)
                     history.append({"step": step, **metrics})
                     out.eval(step, metrics)
+                    report_alerts(alerts.on_eval(step, metrics), step)
                     value = metrics.get(recipe.eval.best_metric)
                     if value is not None and (best_value is None or (
                             value < best_value if recipe.eval.best_mode == "min" else value > best_value)):
                         best_value, best_path = value, run_dir / ckpt.CHECKPOINTS / f"step-{step:07d}"
                 last_path = save(step, metrics) or last_path
                 window["t0"] += time.perf_counter() - t_eval  # eval and saving are not training throughput
+                if alerts.should_stop:  # early stopping: the run ends here as FINISHED, best checkpoint kept
+                    break
     except KeyboardInterrupt:
         status, reason = "PAUSED", f"interrupted at step {step}"
         optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; resume redoes it
@@ -295,15 +318,24 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     return result
 
 
-def resume_run(run_id: str, *, output_dir: str | None = None, **kwargs) -> TrainResult:
-    """Continue a run from its last checkpoint with the recipe it was started with."""
+def resume_run(run_id: str, *, output_dir: str | None = None, overrides: list[str] | dict | None = None,
+               **kwargs) -> TrainResult:
+    """Continue a run from its last checkpoint with the recipe it was started with. `overrides` (--set) may
+    change how it runs, e.g. train.grad_accum to keep the global batch with another number of processes."""
+    recipe, run_dir = resume_recipe(run_id, output_dir=output_dir, overrides=overrides)
+    return train(recipe, resume=run_dir, **kwargs)
+
+
+def resume_recipe(run_id: str, *, output_dir: str | None = None,
+                  overrides: list[str] | dict | None = None) -> tuple[Recipe, Path]:
+    """The recipe a run was started with (plus `overrides`) and the run's folder."""
     probe = load_recipe(data={"data": {"path": "-"}, "run": {"output_dir": output_dir or "lmlab-runs"}})
     run_dir = _run_dir_of(probe, run_id)
     recipe_file = _latest_checkpoint(run_dir) / "recipe.yaml"
-    recipe = load_recipe(recipe_file)
+    recipe = load_recipe(recipe_file, overrides)
     # relative data paths resolve against the folder of the recipe the run was started from
     recipe.source_path = ckpt.read_meta(recipe_file.parent).get("recipe_source")
-    return train(recipe, resume=run_dir, **kwargs)
+    return recipe, run_dir
 
 
 def _run_dir_of(recipe: Recipe, run_id: str) -> Path:
@@ -330,6 +362,17 @@ def _check_same_data(meta: dict, fingerprints: dict[str, str]) -> None:
     if changed:
         raise LmlabError(f"--resume: the {', '.join(changed)} split(s) differ from the checkpoint's "
                          "(data file or split settings changed); restore them or start a new run")
+
+
+def _check_same_batch(meta: dict, per_step: int, batch_size: int, grad_accum: int, world: int) -> None:
+    """Resuming with another number of processes is exact only with the same items per optimizer step."""
+    before = meta.get("items_per_step", per_step)
+    if before != per_step:
+        hint = f"e.g. --set train.grad_accum={before // (batch_size * world)}" \
+            if before % (batch_size * world) == 0 else "change train.batch_size or train.grad_accum"
+        raise LmlabError(f"--resume: the checkpoint took {before} items per optimizer step ({meta.get('world_size', '?')} "
+                         f"process(es)); this run takes {per_step} (batch {batch_size} × accumulation {grad_accum} × "
+                         f"{world} process(es)); keep the global batch: {hint}")
 
 
 def _version() -> str:

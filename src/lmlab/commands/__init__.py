@@ -1,5 +1,7 @@
 """CLI command groups beyond run/validate/runs. Each module registers its commands on `lmlab.cli.app`;
 `lmlab.cli` imports them all at the bottom. Commands stay thin: parse, call one library function, print."""
-from lmlab.commands import compare  # noqa: F401
-from lmlab.commands import finetune  # noqa: F401
-from lmlab.commands import data  # noqa: F401
+from lmlab.commands import (
+    compare,  # noqa: F401
+    data,  # noqa: F401
+    finetune,  # noqa: F401
+)

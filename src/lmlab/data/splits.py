@@ -36,3 +36,10 @@ def fingerprint(examples: list[Any]) -> str:
         h.update(json.dumps(ex, sort_keys=True, ensure_ascii=False, default=str).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def example_hashes(examples: list[Any]) -> list[str]:
+    """A short sha256 per example (same canonical JSON as the fingerprint), in split order: logged as
+    `split_hashes.json` so `lmlab diff` can count how many examples two runs' splits do not share."""
+    return [hashlib.sha256(json.dumps(ex, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
+            for ex in examples]
