@@ -1,6 +1,7 @@
 """Planner accuracy: predicted vs measured peak memory of real training steps.
 
-    python bench/planner_accuracy.py                 # CPU, about 3 minutes on 2 cores
+    python bench/planner_accuracy.py                 # CPU: 10 configurations, ~7 CPU-minutes (2 threads)
+    python bench/planner_accuracy.py --saved         # saved-for-backward bytes vs autograd, tiny shapes
     python bench/planner_accuracy.py --device cuda   # on a GPU: torch.cuda.max_memory_allocated
 
 Each configuration (scratch GPT-2 / Llama sizes, SmolLM2-135M's shape with LoRA and full fine-tuning, batch
@@ -63,8 +64,6 @@ CONFIGS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("SmolLM2-135M LoRA r16 B1 T64 bf16", SMOLLM2_135M,
      dict(micro_batch=1, seq_len=64, adapter="lora", lora_r=16, precision="bf16")),
     ("SmolLM2-135M full B2 T128", SMOLLM2_135M, dict(micro_batch=2, seq_len=128)),
-    ("SmolLM2-135M full B1 T64 bf16 ckpt", SMOLLM2_135M,
-     dict(micro_batch=1, seq_len=64, precision="bf16", checkpointing=True)),
 ]
 
 GPT2_MEDIUM = dict(arch="gpt2", vocab_size=50257, d_model=1024, n_layer=24, n_head=16, d_ff=4096, context=1024,
