@@ -4,4 +4,5 @@ from lmlab.commands import (
     compare,  # noqa: F401
     data,  # noqa: F401
     finetune,  # noqa: F401
+    plan,  # noqa: F401
 )
