@@ -116,5 +116,5 @@ def test_accumulation_matches_a_bigger_micro_batch(workspace):
 def test_warmup_longer_than_run_and_oversized_batch(workspace):
     with pytest.raises(LmlabError, match="train.warmup_steps: warmup of 30 steps is not shorter than the run"):
         train(load_recipe(data=tiny_lm(train__max_steps=None, train__epochs=0.05, train__warmup_steps=30)), quiet=True)
-    with pytest.raises(LmlabError, match="train.batch_size: 512 × grad_accum 1 × 1 process"):
-        train(load_recipe(data=tiny_lm(train__batch_size=512)), quiet=True)
+    with pytest.raises(LmlabError, match="train.batch_size: 4096 × grad_accum 1 × 1 process"):
+        train(load_recipe(data=tiny_lm(train__batch_size=4096)), quiet=True)
