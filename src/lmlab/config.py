@@ -256,6 +256,7 @@ class LedgerConfig(Section):
 from lmlab.alerts import AlertsConfig  # noqa: E402
 from lmlab.distributed import DistributedConfig  # noqa: E402
 from lmlab.pairs.config import PairConfig  # noqa: E402
+from lmlab.generate import GenerationSection  # noqa: E402
 
 
 class Recipe(Section):
@@ -269,6 +270,8 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    generation: GenerationSection = Field(default_factory=GenerationSection,
+                                          description="Named sampling presets for lmlab generate / eval")
     pair: PairConfig = Field(default_factory=PairConfig, description="task pair_classify: columns, encoding, model")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
