@@ -57,6 +57,7 @@ def test_zephyr_qlora_recipe_is_the_seed_setup():
     assert (t.lr, t.max_steps, t.batch_size, t.precision) == (2.5e-5, 500, 2, "bf16")
     assert r.data.prompt_template == '### Question: "{input}"\n ### Answer: {output}'
     assert r.data.path == "poundian_cantos/dataset.jsonl"
+    assert r.generation.default_preset == "json" and r.generation.presets["json"].temperature == 0.0
 
 
 @pytest.mark.parametrize("name, total, trainable", [
