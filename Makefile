@@ -9,7 +9,7 @@ export LMLAB_DATA ?= $(abspath ../shared/data)
 export LMLAB_MODELS ?= $(HOME)/.cache/lmlab/models
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test demo test test-slow lint bench models clean
+.PHONY: install install-test install-deepspeed demo test test-slow lint bench models clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+
+# optional engine for distributed.strategy deepspeed_zero*: built against the installed torch
+install-deepspeed: install
+	$(PIP) --no-build-isolation deepspeed==0.19.8
 
 demo: install
 	$(VENV)/bin/lmlab run recipes/headlines-tiny.yaml
