@@ -95,8 +95,9 @@ def load_checkpoint_model(recipe: Recipe) -> torch.nn.Module:
     return load_pretrained_lm(str(parent))
 
 
-def apply_adapter(model: PreTrainedModel, recipe: Recipe) -> torch.nn.Module:
-    """Wrap the model with a peft LoRA adapter (QLoRA: the base was loaded in 4-bit by load_pretrained_lm)."""
+def apply_adapter(model: PreTrainedModel, recipe: Recipe, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap the model with a peft LoRA adapter (QLoRA: the base was loaded in 4-bit by load_pretrained_lm).
+    task_type SEQ_CLS makes peft train and save a classification head in full."""
     a = recipe.adapter
     if a.kind == "none" or hasattr(model, "peft_config"):  # a parent's adapter keeps training as it is
         return model
@@ -105,7 +106,7 @@ def apply_adapter(model: PreTrainedModel, recipe: Recipe) -> torch.nn.Module:
     if a.kind == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.model.gradient_checkpointing)
     config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
-                        use_dora=a.dora, modules_to_save=a.train_modules or None, task_type="CAUSAL_LM")
+                        use_dora=a.dora, modules_to_save=a.train_modules or None, task_type=task_type)
     return get_peft_model(model, config)
 
 

@@ -159,16 +159,10 @@ def _sequence_classifier(recipe: Recipe, path: str, tokenizer) -> nn.Module:
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    if a.kind == "none":
-        return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from lmlab.models import apply_adapter
 
-    if a.kind == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.model.gradient_checkpointing)
     # SEQ_CLS: peft trains and saves the classification head ('score' / 'classifier') in full
-    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
-                        use_dora=a.dora, modules_to_save=a.train_modules or None, task_type="SEQ_CLS")
-    return get_peft_model(model, config)
+    return apply_adapter(model, recipe, task_type="SEQ_CLS")
 
 
 def _load(path: str, auto_class: str, **kwargs) -> nn.Module:
