@@ -30,6 +30,11 @@ def tiny_lm(**over) -> dict:
         "train": {"lr": 3e-3, "batch_size": 8, "max_steps": 12, "warmup_steps": 2, "log_every": 2},
         "eval": {"every_steps": 4},
     }
+    return with_overrides(recipe, over)
+
+
+def with_overrides(recipe: dict, over: dict) -> dict:
+    """Apply keyword overrides named like train__lr=1e-3 (double underscore = nesting) to a recipe dict."""
     for dotted, value in over.items():
         node = recipe
         *parents, leaf = dotted.split("__")

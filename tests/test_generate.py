@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import with_overrides
 from typer.testing import CliRunner
 
 from lmlab import load_recipe, train
@@ -64,13 +65,7 @@ def toy_recipe(root: Path, base: Path, **over) -> dict:
                   "log_every": 20, "schedule": "constant"},
         "eval": {"every_steps": 120},
     }
-    for dotted, value in over.items():
-        node = recipe
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return recipe
+    return with_overrides(recipe, over)
 
 
 @pytest.fixture(scope="module")
