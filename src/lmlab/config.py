@@ -255,8 +255,9 @@ class LedgerConfig(Section):
 # the distributed section lives beside its launcher; imported here, after Section, which it builds on
 from lmlab.alerts import AlertsConfig  # noqa: E402
 from lmlab.distributed import DistributedConfig  # noqa: E402
-from lmlab.pairs.config import PairConfig  # noqa: E402
 from lmlab.generate import GenerationSection  # noqa: E402
+from lmlab.judge import JudgeConfig  # noqa: E402
+from lmlab.pairs.config import PairConfig  # noqa: E402
 
 
 class Recipe(Section):
@@ -273,6 +274,8 @@ class Recipe(Section):
     generation: GenerationSection = Field(default_factory=GenerationSection,
                                           description="Named sampling presets for lmlab generate / eval")
     pair: PairConfig = Field(default_factory=PairConfig, description="task pair_classify: columns, encoding, model")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="LLM judge for `lmlab eval --judge`: "
+                               "endpoint, model, prompt version, split")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     # Where the recipe came from: data paths resolve relative to it. Not part of the recipe's content.

@@ -134,3 +134,58 @@ def eval_json_command(
     report = eval_json(loaded, cfg, log=not no_log)
     for line in report.lines():
         console.print(line, markup=False)
+
+
+@app.command("eval")
+def eval_command(
+    run: RunRef,
+    judge: Annotated[bool, typer.Option("--judge", help="Score generations 0-100 with an LLM judge over an "
+                                        "OpenAI-compatible endpoint (the recipe's judge: section, or the options)")] = False,
+    judge_url: Annotated[str | None, typer.Option("--judge-url", help="Judge endpoint base URL (judge.base_url)")] = None,
+    judge_model: Annotated[str | None, typer.Option("--judge-model", help="Judge model name (judge.model)")] = None,
+    api_key_env: Annotated[str | None, typer.Option("--api-key-env", help="Environment variable with the judge's "
+                                                    "API key; '' for none (judge.api_key_env)")] = None,
+    split: Annotated[str | None, typer.Option(help="train, val or test (judge.split)")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Judge only the first N examples")] = None,
+    preset: Annotated[str | None, typer.Option(help="Sampling preset for the generations")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation budget per example")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Judge requests in flight at once")] = None,
+    retries: Annotated[int | None, typer.Option(help="Retries per judge request (exponential backoff)")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds per judge request")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Reuse the generations and judgments of an earlier, "
+                                         "interrupted attempt")] = False,
+    show: Annotated[int, typer.Option(help="Print this many per-example rows")] = 5,
+    no_log: Annotated[bool, typer.Option("--no-log", help="Do not record the result in the ledger")] = False,
+    base: BaseOpt = None,
+    output_dir: OutputDirOpt = "lmlab-runs",
+):
+    """Evaluate a run's best checkpoint: --judge scores its generations with an LLM judge (mean, distribution,
+    unparseable answers counted); answers are cached so a re-run asks the endpoint nothing new."""
+    from lmlab.errors import LmlabError
+    from lmlab.generate import load_checkpoint
+    from lmlab.judge import JudgeConfig, judge_run
+
+    if not judge:
+        raise LmlabError("lmlab eval: say what to evaluate: --judge (LLM judge over an OpenAI-compatible endpoint); "
+                         "the JSON check is `lmlab eval-json`")
+    loaded = load_checkpoint(run, output_dir=output_dir, base=base)
+    given = {"base_url": judge_url, "model": judge_model, "api_key_env": api_key_env, "split": split,
+             "max_examples": max_examples, "preset": preset, "max_new_tokens": max_new_tokens,
+             "concurrency": concurrency, "retries": retries, "timeout_s": timeout}
+    try:
+        cfg = JudgeConfig(**{**loaded.recipe.judge.model_dump(), **{k: v for k, v in given.items() if v is not None}})
+    except ValueError as e:
+        first = e.errors()[0]
+        raise LmlabError(f"judge.{first['loc'][0]}: {first['msg']}") from None
+    report = judge_run(loaded, cfg, resume=resume, log=not no_log,
+                       progress=lambda msg: err_console.print(f"[dim]{msg}[/]", soft_wrap=True))
+    for line in report.lines():
+        console.print(line, markup=False, soft_wrap=True)
+    if show and report.items:
+        table = Table(show_lines=False)
+        for col in ("#", "response", "reference", "score", "judge said"):
+            table.add_column(col, overflow="fold")
+        for item in report.items[:show]:
+            table.add_row(str(item.index), item.response[:120], item.reference[:80],
+                          "-" if item.score is None else str(item.score), (item.answer or "")[:40])
+        console.print(table)
