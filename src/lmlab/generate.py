@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -420,11 +420,18 @@ def generate(loaded: LoadedCheckpoint, prompts: Sequence[str | Mapping[str, Any]
              batch_size: int = 8) -> list[Generation]:
     """Generate a completion for every prompt (strings or records), in batches of left-padded prompts.
     Same preset (seed included) and batch size give the same texts."""
+    return generate_encoded(loaded, [prompt_ids(loaded, p) for p in prompts], sampling, batch_size=batch_size)
+
+
+def generate_encoded(loaded: LoadedCheckpoint, encoded: Sequence[tuple[str, list[int]]], sampling: SamplingPreset, *,
+                     batch_size: int = 8) -> list[Generation]:
+    """`generate` for prompts already rendered and tokenized, as (prompt text, token ids): `lmlab serve` renders
+    chat messages and raw text itself."""
     import torch
 
-    if not prompts:
+    if not encoded:
         return []
-    encoded = [prompt_ids(loaded, p) for p in prompts]
+    encoded = list(encoded)
     torch.manual_seed(sampling.seed)
     if sampling.mode == "contrastive":  # one prompt at a time: candidates are the batch
         return [_contrastive(loaded, text, ids, sampling) for text, ids in encoded]
@@ -455,7 +462,6 @@ def _device(model) -> Any:
 def _generate_batch(loaded: LoadedCheckpoint, encoded: list[tuple[str, list[int]]],
                     sampling: SamplingPreset) -> list[Generation]:
     import torch
-    from transformers import GenerationConfig
 
     pad, eos = _pad_id(loaded), _eos_ids(loaded)
     width = max(len(ids) for _, ids in encoded)
@@ -465,6 +471,18 @@ def _generate_batch(loaded: LoadedCheckpoint, encoded: list[tuple[str, list[int]
         input_ids[i, width - len(ids):] = torch.tensor(ids)
         mask[i, width - len(ids):] = 1
     stops = stop_strings(loaded, sampling)
+    device = _device(loaded.model)
+    with torch.no_grad():
+        out = loaded.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                    generation_config=_generation_config(sampling, eos, pad, stops),
+                                    tokenizer=loaded.tokenizer if stops else None)
+    return [_finish(loaded, text, out[i, width:].tolist(), eos, stops) for i, (text, _) in enumerate(encoded)]
+
+
+def _generation_config(sampling: SamplingPreset, eos: list[int], pad: int, stops: list[str]):
+    """transformers' GenerationConfig for a greedy or sampling preset (contrastive search is `_contrastive`)."""
+    from transformers import GenerationConfig
+
     settings: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "eos_token_id": eos,
                                 "pad_token_id": pad, "repetition_penalty": sampling.repetition_penalty}
     if sampling.mode == "sample":
@@ -474,12 +492,7 @@ def _generate_batch(loaded: LoadedCheckpoint, encoded: list[tuple[str, list[int]
         settings.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if stops:
         settings["stop_strings"] = stops
-    device = _device(loaded.model)
-    with torch.no_grad():
-        out = loaded.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                    generation_config=GenerationConfig(**settings),
-                                    tokenizer=loaded.tokenizer if stops else None)
-    return [_finish(loaded, text, out[i, width:].tolist(), eos, stops) for i, (text, _) in enumerate(encoded)]
+    return GenerationConfig(**settings)
 
 
 def _finish(loaded: LoadedCheckpoint, prompt: str, new_ids: list[int], eos: list[int], stops: list[str]) -> Generation:
@@ -495,6 +508,98 @@ def _finish(loaded: LoadedCheckpoint, prompt: str, new_ids: list[int], eos: list
     if cut is not None:
         return Generation(prompt, text, "eos", cut + 1)
     return Generation(prompt, text, "length", len(ids))
+
+
+def stream_generate(loaded: LoadedCheckpoint, prompt: tuple[str, list[int]],
+                    sampling: SamplingPreset) -> Iterator[str | Generation]:
+    """Generate for one encoded prompt (prompt text, ids) while yielding its text as it is decoded: text pieces,
+    then the finished Generation, whose text the pieces add up to. Same model.generate call, seed and stop
+    criteria as `generate_encoded`, so the tokens are the same; a piece is held back while it could still be the
+    start of a stop string (or half of a multi-byte character). Closing the iterator stops the generation."""
+    import queue
+    import threading
+
+    import torch
+    from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    text, ids = prompt
+    if sampling.mode == "contrastive":  # its own loop; one piece
+        torch.manual_seed(sampling.seed)
+        done = _contrastive(loaded, text, ids, sampling)
+        if done.text:
+            yield done.text
+        yield done
+        return
+    pad, eos, stops = _pad_id(loaded), _eos_ids(loaded), stop_strings(loaded, sampling)
+    tokens: queue.Queue[list[int] | BaseException | None] = queue.Queue()  # None: generation ended
+    cancel = threading.Event()
+
+    class NewTokens(BaseStreamer):
+        """generate() puts the prompt first, then each step's token (shape (1,)); end() when it stops."""
+
+        prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                tokens.put(value.flatten().tolist())
+            self.prompt_seen = True
+
+        def end(self):
+            tokens.put(None)
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    def run() -> None:
+        device = _device(loaded.model)
+        try:
+            with torch.no_grad():
+                loaded.model.generate(input_ids=torch.tensor([ids], device=device),
+                                      attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+                                      generation_config=_generation_config(sampling, eos, pad, stops),
+                                      tokenizer=loaded.tokenizer if stops else None, streamer=NewTokens(),
+                                      stopping_criteria=StoppingCriteriaList([Cancelled()]))
+        except BaseException as e:  # handed to the reader, which raises it
+            tokens.put(e)
+
+    torch.manual_seed(sampling.seed)
+    worker = threading.Thread(target=run, name="lmlab-stream", daemon=True)
+    worker.start()
+    new: list[int] = []
+    sent = ""
+    try:
+        while (item := tokens.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            new += item
+            settled = _settled_text(loaded, new, eos, stops)
+            if len(settled) > len(sent):
+                yield settled[len(sent):]
+                sent = settled
+        done = _finish(loaded, text, new, eos, stops)
+        if len(done.text) > len(sent):
+            yield done.text[len(sent):]
+        yield done
+    finally:
+        cancel.set()
+        worker.join()
+
+
+def _settled_text(loaded: LoadedCheckpoint, new_ids: list[int], eos: list[int], stops: list[str]) -> str:
+    """The part of the text so far that no later token can change: cut like `_finish`, minus a tail that may
+    still grow into a stop string and a trailing replacement character (an incomplete UTF-8 sequence)."""
+    cut = next((i for i, t in enumerate(new_ids) if t in eos), None)
+    text = loaded.tokenizer.decode(new_ids if cut is None else new_ids[:cut], skip_special_tokens=False)
+    hits = [text.find(s) for s in stops if s in text]
+    if hits:
+        return text[:min(hits)]
+    if cut is not None:
+        return text
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    text = text[:len(text) - held]
+    return text.rstrip("\ufffd")
 
 
 def _contrastive(loaded: LoadedCheckpoint, prompt: str, ids: list[int], sampling: SamplingPreset) -> Generation:
