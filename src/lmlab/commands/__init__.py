@@ -5,4 +5,5 @@ from lmlab.commands import (
     data,  # noqa: F401
     finetune,  # noqa: F401
     plan,  # noqa: F401
+    serve,  # noqa: F401
 )
