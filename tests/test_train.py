@@ -118,3 +118,29 @@ def test_warmup_longer_than_run_and_oversized_batch(workspace):
         train(load_recipe(data=tiny_lm(train__max_steps=None, train__epochs=0.05, train__warmup_steps=30)), quiet=True)
     with pytest.raises(LmlabError, match="train.batch_size: 4096 × grad_accum 1 × 1 process"):
         train(load_recipe(data=tiny_lm(train__batch_size=4096)), quiet=True)
+
+
+def test_runs_in_one_process_may_change_precision(workspace):
+    """A notebook trains fp32, then bf16: accelerate's process-wide state must not keep the first precision."""
+    first = train(load_recipe(data=tiny_lm(train__max_steps=2, train__warmup_steps=0, eval__every_steps=2, ledger__enabled=False)), quiet=True)
+    second = train(load_recipe(data=tiny_lm(train__max_steps=2, train__warmup_steps=0, eval__every_steps=2, ledger__enabled=False,
+                                            train__precision="bf16")), quiet=True)
+    assert first.status == second.status == "FINISHED"
+    assert first.metrics["val/loss"] != second.metrics["val/loss"]  # bf16 rounding shows in the loss
+
+
+def test_fused_optimizer_is_the_default_and_matches_the_loop(workspace):
+    """train.fused picks torch's one-kernel AdamW (the Trainer's default; much faster on CPU); it must train the
+    same model as the per-tensor loop, up to float rounding."""
+    from lmlab.train import make_optimizer
+
+    recipe = load_recipe(data=tiny_lm(ledger__enabled=False))
+    model = torch.nn.Linear(4, 4)
+    assert make_optimizer(recipe, model).defaults["fused"] is True
+    recipe.train.fused = False
+    assert not make_optimizer(recipe, model).defaults["fused"]
+    fused = train(load_recipe(data=tiny_lm(ledger__enabled=False, train__max_steps=6, train__warmup_steps=0,
+                                           eval__every_steps=6, model__dropout=0.0)), quiet=True)
+    loop = train(load_recipe(data=tiny_lm(ledger__enabled=False, train__max_steps=6, train__warmup_steps=0,
+                                          eval__every_steps=6, model__dropout=0.0, train__fused=False)), quiet=True)
+    assert fused.metrics["val/loss"] == pytest.approx(loop.metrics["val/loss"], rel=1e-4)

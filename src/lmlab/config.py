@@ -201,6 +201,8 @@ class TrainConfig(Section):
     )
     betas: tuple[float, float] = Field((0.9, 0.95), description="adamw betas")
     eps: float = Field(1e-8, gt=0, description="adamw epsilon")
+    fused: bool = Field(True, description="One fused optimizer kernel per step (torch fused=True, the HF Trainer's "
+                        "default): much faster than the per-tensor loop on CPU; under DeepSpeed/FSDP the engine's own")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
     nesterov: bool = Field(False, description="sgd: Nesterov momentum")
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="LR shape after warmup")

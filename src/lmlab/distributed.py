@@ -131,6 +131,11 @@ def make_accelerator(recipe) -> Any:
     if strategy.startswith("deepspeed") and not torch.cuda.is_available():
         # accelerate ignores DeepSpeed with cpu=True, and finds no backend for it on CPU by itself: name gloo
         options = {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    from accelerate.state import AcceleratorState
+
+    # the state is process-wide: a second train() in one process (a notebook) may ask another precision or
+    # strategy; the process group (PartialState) stays
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision="bf16" if recipe.train.precision == "bf16" else "no", **options)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:

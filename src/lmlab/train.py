@@ -63,9 +63,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool) -
 def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = recipe.train
     groups = param_groups(model, t.weight_decay, t.decay_norms_and_biases)
+    # fused kernels need plain tensors on one CPU/CUDA device; DeepSpeed and FSDP shard and step on their own
+    fused = t.fused and recipe.distributed.strategy in ("none", "ddp") and \
+        len({p.device.type for g in groups for p in g["params"]} - {"cpu", "cuda"}) == 0
     if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=fused or None)
 
 
 def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps: int | None = None,
