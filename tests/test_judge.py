@@ -256,3 +256,86 @@ def test_cli_without_what_to_evaluate_is_a_one_line_error(toy_run):  # noqa: F81
     _, result = toy_run
     out = CliRunner().invoke(app, ["eval", str(result.best_checkpoint or result.last_checkpoint)])
     assert out.exit_code != 0 and isinstance(out.exception, LmlabError) and "--judge" in str(out.exception)
+
+
+# ----------------------------------------------------------------------- round trip: lmlab serve as the judge
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory, toy_run):  # noqa: F811
+    """A tiny Llama fine-tuned (in ~15 s) to answer v1 judge prompts about the toy's questions with an integer:
+    90 when the response is the reference answer, 10 otherwise. Served by `lmlab serve`, it stands in for a real
+    judge model behind an OpenAI-compatible endpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmlab import load_recipe, train
+    from lmlab.judge import input_text
+    from lmlab.testing import tiny_tokenizer
+
+    _, toy = toy_run
+    template = load_checkpoint(toy.best_checkpoint or toy.last_checkpoint).template
+    rows = []
+    for q, ref in ANSWERS.items():
+        for resp in ANSWERS.values():
+            prompt = judge_prompt("v1", input=input_text(template, {"input": q, "output": ref}), reference=ref,
+                                  response=resp)
+            rows.append({"prompt": prompt, "score": "90" if resp == ref else "10"})
+    root = tmp_path_factory.mktemp("judge")
+    tok = tiny_tokenizer(vocab_size=700, texts=[r["prompt"] + " 90 10" for r in rows])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    (root / "judge.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 6) + "\n")
+    recipe = {
+        "run": {"name": "tiny-judge", "task": "sft", "seed": 1, "output_dir": str(root / "lmlab-runs")},
+        "data": {"path": str(root / "judge.jsonl"), "template": "prompt_completion",
+                 "prompt_template": "{prompt}\nScore: {score}", "max_length": 512,
+                 "split": {"train": 0.9, "val": 0.1}},
+        "model": {"pretrained": str(root / "base")},
+        "tokenizer": {"kind": "pretrained"},
+        "train": {"lr": 5e-3, "batch_size": 8, "max_steps": 150, "warmup_steps": 0, "weight_decay": 0.0,
+                  "log_every": 50, "schedule": "constant"},
+        "eval": {"every_steps": 150},
+        "ledger": {"enabled": False},
+    }
+    result = train(load_recipe(data=recipe), quiet=True)
+    return result.best_checkpoint or result.last_checkpoint
+
+
+def test_round_trip_with_lmlab_serve_as_the_judge(toy_run, tiny_judge, tmp_path):  # noqa: F811
+    import openai
+
+    from lmlab.testing.serving import running_server
+
+    root, toy = toy_run
+    loaded = load_checkpoint(toy.run_id, output_dir=str(root / "lmlab-runs"))
+    cache = tmp_path / "cache.sqlite"
+    with running_server(tiny_judge, extra_args=["--model-name", "tiny-judge"]) as url:
+        c = JudgeConfig(base_url=url, model="tiny-judge", api_key_env="", split="train", retries=0, concurrency=2)
+        report = judge_run(loaded, c, cache_path=cache)
+        direct = openai.OpenAI(base_url=url, api_key="none")
+        distinct = {(i.input, i.reference, i.response): i for i in report.items}
+        for (inp, ref, resp), item in distinct.items():  # what the judge says when asked directly
+            said = direct.chat.completions.create(
+                model="tiny-judge", temperature=0, max_tokens=c.max_tokens,
+                messages=[{"role": "user", "content": judge_prompt("v1", input=inp, reference=ref, response=resp)}])
+            assert item.answer == said.choices[0].message.content
+    assert report.calls == len(distinct) and report.cache_hits == 0
+    assert len(report.scores) == len(report.items) and not report.unparseable  # the tiny judge answers integers
+    assert report.mean == pytest.approx(sum(report.scores) / len(report.scores))
+    # logged to the toy run's ledger: metrics and the per-example table
+    from lmlab.compare import read_artifact
+
+    table = json.loads(read_artifact(loaded.ledger_uri, loaded.run_id, "judge/train.json"))
+    assert table["metrics"]["judge/train/mean"] == pytest.approx(report.mean)
+    assert [e["score"] for e in table["examples"]] == [i.score for i in report.items]
+    assert table["prompt"] == PROMPTS["v1"] and table["judge_model"] == "tiny-judge"
+    # the judge is gone: the same evaluation is answered from the cache, zero endpoint calls
+    again = judge_run(loaded, c, cache_path=cache, log=False)
+    assert again.calls == 0 and [i.score for i in again.items] == [i.score for i in report.items]
+    # ...but anything new needs it, and fails clearly, keeping the generations for --resume
+    with pytest.raises(JudgeEndpointError, match=r"cannot connect.*kept 0 of \d+ judgments.*--resume"):
+        judge_run(loaded, c, cache_path=tmp_path / "fresh.sqlite", log=False)
+    assert len(json.loads(state_path(loaded, c).read_text())["items"]) == len(report.items)
