@@ -75,18 +75,30 @@ def generate(
 @app.command()
 def export(
     run: RunRef,
-    out: Annotated[Path, typer.Option("--out", "-o", help="New folder to write the model to")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder to write the model to; with --gguf the .gguf "
+                                                          "file, or a folder for <run name>-<quant>.gguf")],
     merge: Annotated[bool, typer.Option("--merge", help="Fold the LoRA adapter into the base (verified)")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Write even when the merge check fails")] = False,
+    gguf: Annotated[bool, typer.Option("--gguf", help="Write one GGUF file for llama.cpp / Ollama / LM Studio "
+                                                      "(LoRA runs merged first); verified by a transformers round "
+                                                      "trip")] = False,
+    quant: Annotated[str, typer.Option(help="--gguf: f32, f16, q8_0 or q4_1")] = "q8_0",
+    force: Annotated[bool, typer.Option("--force", help="Write even when a check fails; --gguf: also overwrite "
+                                                        "an existing file")] = False,
     max_examples: Annotated[int, typer.Option(help="Held-out examples the merge check scores")] = 200,
-    tol_logits: Annotated[float | None, typer.Option(help="Largest allowed |logit| difference (default by precision)")] = None,
+    tol_logits: Annotated[float | None, typer.Option(help="Largest allowed |logit| difference (default by precision, "
+                                                          "or by quant for --gguf)")] = None,
     tol_loss: Annotated[float | None, typer.Option(help="Largest allowed loss difference in nats")] = None,
     base: BaseOpt = None,
     output_dir: OutputDirOpt = "lmlab-runs",
 ):
-    """Write a run's best checkpoint as a standalone Hugging Face folder (adapter, or merged with --merge)."""
+    """Write a run's best checkpoint as a standalone Hugging Face folder (adapter, or merged with --merge), or
+    as one GGUF file (--gguf)."""
     from lmlab.export import MergeRejected, export_checkpoint
 
+    if gguf:
+        _export_gguf(run, out, quant=quant, force=force, output_dir=output_dir, base=base,
+                     max_examples=max_examples, tol_logits=tol_logits)
+        return
     try:
         result = export_checkpoint(run, out, merge=merge, force=force, output_dir=output_dir, base=base,
                                    max_examples=max_examples, tol_logits=tol_logits, tol_loss=tol_loss)
@@ -101,6 +113,30 @@ def export(
         console.print(f"note: {note}")
     forced = " (merge check FAILED, forced)" if result.check is not None and not result.check.ok else ""
     console.print(f"exported {result.kind} model from {result.source} → {result.out_dir}{forced}")
+
+
+def _export_gguf(run: str, out: Path, **options) -> None:
+    from lmlab.export import MergeRejected
+    from lmlab.gguf_export import GgufRejected, export_gguf
+
+    try:
+        result = export_gguf(run, out, **options)
+    except (MergeRejected, GgufRejected) as e:
+        for line in e.check.lines():
+            err_console.print(line, markup=False, soft_wrap=True)
+        raise
+    for check in (result.merge_check, result.check):
+        for line in check.lines() if check is not None else []:
+            console.print(line, markup=False, soft_wrap=True)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
+    failed = [name for name, check in (("merge", result.merge_check), ("GGUF", result.check))
+              if check is not None and not check.ok]
+    forced = f" ({' and '.join(failed)} check FAILED, forced)" if failed else ""
+    types = ", ".join(f"{n} {t.lower()}" for t, n in sorted(result.tensor_types.items(), key=lambda kv: -kv[1]))
+    console.print(f"exported {result.kind} model from {result.source} → {result.path}{forced}", markup=False,
+                  soft_wrap=True)
+    console.print(f"  {result.size_bytes / 1e6:,.1f} MB, quant {result.quant} (tensors: {types})", markup=False)
 
 
 @app.command("eval-json")
