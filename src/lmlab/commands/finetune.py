@@ -136,7 +136,10 @@ def _export_gguf(run: str, out: Path, **options) -> None:
     types = ", ".join(f"{n} {t.lower()}" for t, n in sorted(result.tensor_types.items(), key=lambda kv: -kv[1]))
     console.print(f"exported {result.kind} model from {result.source} → {result.path}{forced}", markup=False,
                   soft_wrap=True)
-    console.print(f"  {result.size_bytes / 1e6:,.1f} MB, quant {result.quant} (tensors: {types})", markup=False)
+    size = result.size_bytes
+    size_text = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB" if size >= 1e6 else \
+        f"{size / 1e3:.1f} kB"
+    console.print(f"  {size_text}, quant {result.quant} (tensors: {types})", markup=False)
 
 
 @app.command("eval-json")
