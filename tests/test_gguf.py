@@ -31,9 +31,9 @@ from lmlab.gguf_export import (
 gguf = pytest.importorskip("gguf")
 
 
-def fields(path) -> dict:
+def fields(path_or_reader) -> dict:
     """The GGUF file's metadata as python values (arrays as lists)."""
-    reader = gguf.GGUFReader(path)
+    reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(path_or_reader)
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
@@ -187,6 +187,14 @@ def test_unsupported_architecture_is_refused_and_no_file(full_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sentencepiece_tokenizer_is_refused(tmp_path):
+    from lmlab.testing import tiny_llama, tiny_sentencepiece_tokenizer
+
+    tok = tiny_sentencepiece_tokenizer()
+    with pytest.raises(LmlabError, match="writes byte-level BPE tokenizers .* this one is BPE with a Metaspace decoder"):
+        write_gguf(tiny_llama(len(tok)), tok, tmp_path / "sp.gguf", quant="f32", name="sp")
+
+
 def test_refuses_to_overwrite_unless_forced(full_run, tmp_path):
     target = tmp_path / "m.gguf"
     export_gguf(full_run.best_checkpoint, target, quant="f16")
@@ -219,9 +227,10 @@ def test_cli_prints_the_file_size_quant_and_check(full_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "GGUF round trip through transformers (f16):" in out and "weights: 21/21 tensors within f16" in out
-    assert f"→ {tmp_path / 'toy-f16.gguf'}" in out and "MB, quant f16 (tensors: 16 f16, 5 f32)" in out
-    proc = lmlab_cli("export", str(full_run.best_checkpoint), "--gguf", "--quant", "q5", "-o", str(tmp_path))
-    assert proc.returncode != 0 and proc.stderr.strip() == "error: --quant: 'q5' is not one of f32, f16, q8_0, q4_1"
+    assert "(tolerance 0.03 × std = " in out and "greedy next token agrees at 452/452 positions" in out
+    assert f"→ {tmp_path / 'toy-f16.gguf'}" in out and "  98.8 kB, quant f16 (tensors: 16 f16, 5 f32)" in out
+    with pytest.raises(LmlabError, match=r"^--quant: 'q5' is not one of f32, f16, q8_0, q4_1$"):
+        export_gguf(full_run.best_checkpoint, tmp_path, quant="q5")
 
 
 # ------------------------------------------------------------------------------------------ SmolLM2
@@ -249,7 +258,7 @@ def test_smollm2_reexport_reproduces_llama_cpps_file(tmp_path):
         assert (a.tensor_type, list(a.shape)) == (b.tensor_type, list(b.shape)), a.name
         assert np.array_equal(a.data, b.data), a.name
     assert {t.tensor_type.name for t in ours.tensors if t.name == "token_embd.weight"} == {"Q8_0"}  # tied output
-    want, got = fields(reference), fields(tmp_path / "s.gguf")
+    want, got = fields(ref), fields(ours)
     same = [k for k in want if k.startswith(("llama.", "tokenizer.")) or k in ("general.architecture",
                                                                               "general.file_type",
                                                                               "general.quantization_version")]
