@@ -113,6 +113,8 @@ def test_metadata_tokenizer_and_layout(full_run, tmp_path):
     merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
     assert meta["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
     assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id and meta["tokenizer.ggml.add_bos_token"] is False
+    assert json.loads(meta["lmlab.template"]) == loaded.template.to_dict()
+    assert json.loads(meta["lmlab.sampling"]) == SamplingPreset().model_dump()
     # untied embeddings: output.weight is written; llama.cpp's rotary layout: q rows permuted per head
     reader = gguf.GGUFReader(out.path)
     tensors = {t.name: t for t in reader.tensors}
@@ -349,6 +351,11 @@ def test_llama_cpp_backend_serves_the_exported_tiny_run(full_run, tmp_path):
             assert done.prompt_tokens == len(prompt_ids(loaded, question)[1])
             *pieces, last = backend.complete_stream(prompt, greedy)
             assert "".join(pieces) == last.text == done.text
+        # chat: the run's own template travels in the file (llama.cpp alone would only know the tokenizer's)
+        assert backend.default_sampling == SamplingPreset() and backend.run_template[1] == loaded.template
+        answer = backend.chat([{"role": "user", "content": "three"}], greedy)
+        assert answer.text == generate(loaded, ["three"], greedy)[0].text
+        assert answer.prompt_tokens == len(prompt_ids(loaded, "three")[1])
         cut = backend.complete(prompt_ids(loaded, "two")[0], SamplingPreset(stop=[": "], max_new_tokens=16))
         assert (cut.text, cut.finish_reason) == ('{"n"', "stop")
         short = backend.complete(prompt_ids(loaded, "two")[0], SamplingPreset(max_new_tokens=2))

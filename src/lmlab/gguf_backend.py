@@ -2,10 +2,14 @@
 lmlab.serve.TransformersBackend (chat, complete and their streaming forms), so `lmlab serve --gguf FILE` serves
 what `lmlab export RUN --gguf` wrote, or any llama.cpp model.
 
-Prompts follow serve's rule for a plain model folder: chat messages are rendered by the file's chat template
-(tokenizer.chat_template, with add_generation_prompt), or without one the last user message after the system
-message(s); completions are the text as is, after BOS when the file says to add one. Special tokens written in the
-text (<|im_start|>...) are parsed as such, as transformers does.
+Prompts follow serve's rules. A file `lmlab export --gguf` wrote carries its run's prompt template (lmlab.template):
+chat messages are rendered by it exactly as `lmlab serve RUN` renders them (a chat template renders the
+conversation; alpaca / prompt_completion / text answer the last user message, system messages prepended), and its
+end of turn stops generation. Any other GGUF is a plain model: the file's chat template (tokenizer.chat_template,
+with add_generation_prompt), or without one the last-user-message rule. Completions are the text as is, after BOS
+when the file says to add one. Special tokens written in the text (<|im_start|>...) are parsed as such, as
+transformers does. Requests start from the run's default sampling preset (lmlab.sampling), else greedy, unless
+`preset` names a built-in one.
 
 Decoding runs token by token on llama.cpp's sampler, so finish reasons and token counts mean what serve's other
 backend means: it stops at an end-of-generation token (EOS, or an end of turn such as <|im_end|> that llama.cpp
@@ -20,6 +24,7 @@ imported only when a backend is made.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,15 +63,17 @@ class LlamaCppBackend:
         if not path.is_file():
             raise LmlabError(f"--gguf: {path} is not a file")
         llama_cpp = import_llama_cpp()
-        name = preset or "greedy"
-        if name not in BUILTIN_PRESETS:
-            raise LmlabError(f"--preset: unknown preset '{name}'; one of {', '.join(BUILTIN_PRESETS)}")
+        if preset is not None and preset not in BUILTIN_PRESETS:
+            raise LmlabError(f"--preset: unknown preset '{preset}'; one of {', '.join(BUILTIN_PRESETS)}")
         try:
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, n_threads=n_threads,
                                   verbose=False)
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise LmlabError(f"--gguf: llama.cpp cannot load {path} ({e})") from None
-        return cls(llm, model_name or path.stem, BUILTIN_PRESETS[name])
+        saved = llm.metadata.get("lmlab.sampling")
+        sampling = BUILTIN_PRESETS[preset] if preset is not None else \
+            SamplingPreset.model_validate_json(saved) if saved else BUILTIN_PRESETS["greedy"]
+        return cls(llm, model_name or path.stem, sampling)
 
     # -------------------------------------------------------------------------------- the protocol
     def chat(self, messages: list[dict[str, str]], sampling: SamplingPreset) -> Any:
@@ -90,9 +97,32 @@ class LlamaCppBackend:
         """Token ids; add_bos adds BOS only when the file's tokenizer.ggml.add_bos_token says so."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
+    @property
+    def run_template(self) -> tuple[bool, Any]:
+        """(written by lmlab export, the run's PromptTemplate or None)."""
+        from lmlab.data.templates import PromptTemplate
+
+        spec = self.llm.metadata.get("lmlab.template")
+        if spec is None:
+            return False, None
+        value = json.loads(spec)
+        return True, PromptTemplate.from_dict(value) if value is not None else None
+
+    def stop_strings(self, sampling: SamplingPreset) -> list[str]:
+        """The request's stop strings and the run template's end of turn (unless it is EOS, which always stops)."""
+        _, template = self.run_template
+        end = template.end_of_turn() if template is not None else ""
+        stops = list(sampling.stop)
+        if end and end != self._spell(self.llm.token_eos()) and end not in stops:
+            stops.append(end)
+        return stops
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         from lmlab.serve import RequestError, chat_as_prompt
 
+        from_run, run_template = self.run_template
+        if from_run:
+            return self._run_prompt(run_template, messages)
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             return self.raw_prompt(chat_as_prompt(messages))
@@ -104,6 +134,26 @@ class LlamaCppBackend:
         except Exception as e:  # templates raise on conversations they refuse (e.g. a system message)
             raise RequestError(f"messages: the model's chat template refused them ({e})", param="messages") from None
         return self.tokenize(text, add_bos=False)  # the template writes BOS itself
+
+    def _run_prompt(self, template: Any, messages: list[dict[str, str]]) -> list[int]:
+        """As lmlab.generate.prompt_ids renders a run's prompt: chat templates the conversation, other formats
+        the last user message (with system messages) as the prompt item."""
+        from lmlab.generate import prompt_record
+        from lmlab.serve import RequestError, chat_as_prompt
+
+        if template is not None and template.format == "chat":
+            try:
+                text = template.render_for_generation(messages)
+            except LmlabError as e:
+                raise RequestError(f"messages: {e}", param="messages") from None
+            return self.tokenize(text, add_bos=False)  # the template writes its special tokens itself
+        item = chat_as_prompt(messages)
+        if template is None or template.format == "text":
+            return self.raw_prompt(item)
+        try:
+            return self.tokenize(template.render_for_generation(prompt_record(template, item)), add_bos=True)
+        except LmlabError as e:
+            raise RequestError(f"messages: {e}", param="messages") from None
 
     def _spell(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
@@ -146,6 +196,7 @@ class LlamaCppBackend:
         self.llm.set_seed(sampling.seed)
         tokens = self.llm.generate(ids, top_k=sampling.top_k, top_p=sampling.top_p, min_p=0.0, typical_p=1.0,
                                    temp=sampling.temperature, repeat_penalty=sampling.repetition_penalty)
+        stops = self.stop_strings(sampling)
         new: list[int] = []
         sent, finish = "", "length"
         try:
@@ -156,13 +207,13 @@ class LlamaCppBackend:
                     text = self._text(new[:-1], ids)
                     break
                 text = self._text(new, ids)
-                cut = _first_stop(text, sampling.stop)
+                cut = _first_stop(text, stops)
                 if cut is not None:
                     text, finish = text[:cut], "stop"
                     break
                 if len(new) >= sampling.max_new_tokens:
                     break
-                settled = _settled(text, sampling.stop)
+                settled = _settled(text, stops)
                 if len(settled) > len(sent):
                     yield settled[len(sent):]
                     sent = settled

@@ -11,7 +11,9 @@ have made from the same weights:
   wants q6_k there, which the gguf package cannot write, and falls back to q8_0 itself when the width is not a
   multiple of 256 (SmolLM2's 576);
 - the tokenizer as llama.cpp's "gpt2" (byte-level BPE) vocabulary: tokens, token types, merges, special ids,
-  add_bos/add_eos, the pre-tokenizer name and the chat template.
+  add_bos/add_eos, the pre-tokenizer name and the chat template;
+- lmlab.* keys for lmlab's own readers: run id, step, quant, the run's prompt template (JSON, "null" for a run
+  without one) and default sampling preset (JSON), which lmlab.gguf_backend uses to prompt like training.
 
 The written file is then verified before it is put in place (see `verify_gguf`): transformers loads it back
 (dequantizing), and the logits on held-out examples and sample texts are compared with the source model's; the
@@ -198,7 +200,7 @@ def export_gguf(ref: str | os.PathLike, out: str | os.PathLike, *, quant: str = 
     The file is verified by a transformers round trip before it is renamed into place; raises GgufRejected (or the
     merge's MergeRejected) when a check fails and not `force`."""
     from lmlab.export import MergeRejected, merged_model, verify_merge
-    from lmlab.generate import checkpoint_recipe, load_checkpoint, resolve_checkpoint
+    from lmlab.generate import checkpoint_recipe, load_checkpoint, pick_preset, resolve_checkpoint
 
     check_quant(quant)
     path, _, _ = resolve_checkpoint(ref, output_dir=output_dir)
@@ -221,8 +223,12 @@ def export_gguf(ref: str | os.PathLike, out: str | os.PathLike, *, quant: str = 
         kind, model = "full", loaded.model
     model = model.float().eval()  # numpy has no bf16; an f32 copy of bf16 weights is exact
     step = loaded.meta.get("step")
+    # the run's prompt template and default sampling travel with the file, so `lmlab serve --gguf` prompts the
+    # model the way training did (llama.cpp itself only knows the tokenizer's chat template)
+    template = json.dumps(loaded.template.to_dict() if loaded.template is not None else None)
     metadata = {"run_id": loaded.run_id, "step": step, "kind": kind, "base_model": loaded.recipe.model.pretrained,
-                "description": f"lmlab run {loaded.run_id or loaded.path.name} ({kind}, step {step})"}
+                "description": f"lmlab run {loaded.run_id or loaded.path.name} ({kind}, step {step})",
+                "template": template, "sampling": pick_preset(loaded.recipe, None).model_dump_json()}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
     try:
@@ -298,7 +304,7 @@ def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike, *, quant: st
         writer.add_base_model_count(1)
         writer.add_base_model_name(0, str(metadata["base_model"]))
     writer.add_quantized_by("lmlab")
-    for key in ("run_id", "step", "kind"):
+    for key in ("run_id", "step", "kind", "template", "sampling"):
         if metadata.get(key) is not None:
             writer.add_string(f"lmlab.{key}", str(metadata[key]))
     writer.add_string("lmlab.quant", quant)
