@@ -230,7 +230,8 @@ def test_cli_prints_the_file_size_quant_and_check(full_run, tmp_path):
     out = proc.stdout
     assert "GGUF round trip through transformers (f16):" in out and "weights: 21/21 tensors within f16" in out
     assert "(tolerance 0.03 × std = " in out and "greedy next token agrees at 452/452 positions" in out
-    assert f"→ {tmp_path / 'toy-f16.gguf'}" in out and "  98.8 kB, quant f16 (tensors: 16 f16, 5 f32)" in out
+    size = (tmp_path / "toy-f16.gguf").stat().st_size
+    assert f"→ {tmp_path / 'toy-f16.gguf'}" in out and f"  {size / 1e3:.1f} kB, quant f16 (tensors: 16 f16, 5 f32)" in out
     with pytest.raises(LmlabError, match=r"^--quant: 'q5' is not one of f32, f16, q8_0, q4_1$"):
         export_gguf(full_run.best_checkpoint, tmp_path, quant="q5")
 
