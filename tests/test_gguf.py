@@ -365,6 +365,34 @@ def test_llama_cpp_backend_serves_the_exported_tiny_run(full_run, tmp_path):
         backend.close()
 
 
+def test_serve_gguf_answers_the_openai_client_like_lmlab_generate(full_run, tmp_path):
+    """`lmlab serve --gguf FILE`: the exported file behind the OpenAI-compatible API, on llama.cpp."""
+    llama_cpp_or_skip()
+    import openai
+
+    from lmlab.testing.serving import running_server
+
+    out = export_gguf(full_run.best_checkpoint, tmp_path, quant="f32")
+    loaded = load_checkpoint(full_run.best_checkpoint)
+    want = generate(loaded, ["three"], SamplingPreset(max_new_tokens=16))[0].text
+    with running_server(None, extra_args=["--gguf", out.path, "--ctx", "256", "--model-name", "toy-gguf"]) as url:
+        client = openai.OpenAI(base_url=url, api_key="none")
+        assert [m.id for m in client.models.list().data] == ["toy-gguf"]
+        r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "three"}], max_tokens=16,
+                                           temperature=0)
+        assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+
+
+def test_serve_needs_a_run_or_a_gguf_file():
+    from typer.testing import CliRunner
+
+    from lmlab.cli import app
+
+    for args in (["serve"], ["serve", "somerun", "--gguf", "m.gguf"]):
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code != 0 and "one of the two" in str(out.exception)
+
+
 @pytest.mark.slow
 def test_llama_cpp_runs_the_exported_smollm2_like_transformers(tmp_path):
     """SmolLM2 written by lmlab, run by llama.cpp: logits against transformers' on the source weights, and greedy

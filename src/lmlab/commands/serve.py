@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,8 +14,11 @@ from lmlab.console import console, err_console
 
 @app.command()
 def serve(
-    run: Annotated[str, typer.Argument(help="Run id (or unique prefix), run or checkpoint folder, or a plain "
-                                            "Hugging Face model folder")],
+    run: Annotated[str | None, typer.Argument(help="Run id (or unique prefix), run or checkpoint folder, or a plain "
+                                                   "Hugging Face model folder (or --gguf FILE instead)")] = None,
+    gguf: Annotated[Path | None, typer.Option("--gguf", help="Serve this GGUF file (lmlab export --gguf) through "
+                                              "llama-cpp-python: pip install 'lmlab[llama]'")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", min=0, help="--gguf: context length; 0 = the file's own")] = 0,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 = every interface")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 = any free one")] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="LMLAB_SERVE_API_KEY", show_envvar=True,
@@ -35,8 +39,18 @@ def serve(
 
     if api_key is not None and not api_key.strip():
         raise LmlabError("--api-key: empty; give a key, or leave the option (and LMLAB_SERVE_API_KEY) unset")
+    if (run is None) == (gguf is None):
+        raise LmlabError("lmlab serve: give a run / model folder, or --gguf FILE (one of the two)")
     sock = bind_socket(host, port)  # a busy port fails before the model loads
-    backend = load_backend(run, output_dir=output_dir, base=base, merge=merge, preset=preset, model_name=model_name)
+    if gguf is not None:
+        from lmlab.gguf_backend import LlamaCppBackend
+
+        backend = LlamaCppBackend.load(gguf, n_ctx=ctx, preset=preset, model_name=model_name)
+        if merge or base:
+            backend.notes.append("--merge / --base do not apply to a GGUF file (it holds the merged model)")
+    else:
+        backend = load_backend(run, output_dir=output_dir, base=base, merge=merge, preset=preset,
+                               model_name=model_name)
     for note in backend.notes:
         err_console.print(f"note: {note}", markup=False, soft_wrap=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

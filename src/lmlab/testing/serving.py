@@ -20,7 +20,7 @@ _READY = re.compile(r"^serving (?P<model>.+) at (?P<url>http://\S+/v1)$")
 
 
 @contextmanager
-def running_server(ref: str | os.PathLike, *, output_dir: str | os.PathLike | None = None,
+def running_server(ref: str | os.PathLike | None, *, output_dir: str | os.PathLike | None = None,
                    extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
                    timeout: float = 120) -> Iterator[str]:
     """Start `python -m lmlab serve REF` (OMP_NUM_THREADS=1, plus `env`), wait until GET /v1/models answers, yield
@@ -40,10 +40,10 @@ class ServerProcess:
     """`running_server` in two steps, for a test that does other work while the server loads (~10 s of imports):
     the process starts here, `wait_ready()` returns the base URL once it answers, `stop()` ends it."""
 
-    def __init__(self, ref: str | os.PathLike, *, output_dir: str | os.PathLike | None = None,
+    def __init__(self, ref: str | os.PathLike | None, *, output_dir: str | os.PathLike | None = None,
                  extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None):
-        self.ref = str(ref)
-        cmd = [sys.executable, "-m", "lmlab", "serve", self.ref, "--port", "0"]
+        self.ref = str(ref) if ref is not None else " ".join(map(str, extra_args))  # None: e.g. --gguf FILE
+        cmd = [sys.executable, "-m", "lmlab", "serve", *([str(ref)] if ref is not None else []), "--port", "0"]
         if output_dir is not None:
             cmd += ["--output-dir", str(output_dir)]
         cmd += [str(a) for a in extra_args]
