@@ -58,3 +58,20 @@ def test_bad_override_and_bad_yaml(tmp_path):
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
+
+
+def test_eval_json_section_parses_round_trips_and_suggests_keys():
+    """eval.json (the JSON check's settings) is `json` in YAML although pydantic models own a .json method."""
+    import yaml
+
+    base = {"data": {"path": "x.jsonl", "template": "alpaca"}, "run": {"task": "sft"}}
+    r = load_recipe(data={**base, "eval": {"json": {"split": "train", "max_new_tokens": 300}}})
+    assert r.eval.json_check.split == "train" and r.eval.json_check.max_new_tokens == 300
+    dumped = yaml.safe_load(r.to_yaml())
+    assert dumped["eval"]["json"]["max_new_tokens"] == 300 and "json_check" not in dumped["eval"]
+    assert load_recipe(data=dumped).eval.json_check == r.eval.json_check
+    assert load_recipe(data=base).eval.json_check is None
+    with pytest.raises(RecipeError, match=r"eval.json.splt: unknown key; did you mean 'split'\?"):
+        load_recipe(data={**base, "eval": {"json": {"splt": "train"}}})
+    with pytest.raises(RecipeError, match=r"eval.jsn: unknown key; did you mean 'json'\?"):
+        load_recipe(data={**base, "eval": {"jsn": {}}})

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lmlab.data.filters import FilterSpec
 from lmlab.errors import RecipeError
+from lmlab.evaluate import JsonEvalConfig
 
 
 class Section(BaseModel):
@@ -232,11 +233,16 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
+
     every_steps: int | None = Field(200, gt=0, description="Evaluate every N optimizer steps (and always at the end)")
     max_batches: int | None = Field(None, gt=0, description="Cap on validation batches per eval; null = whole split")
     batch_size: int | None = Field(None, gt=0, description="Eval micro-batch; default train.batch_size")
     best_metric: str = Field("val/loss", description="Metric that picks the best checkpoint")
     best_mode: Literal["min", "max"] = Field("min", description="Whether lower or higher best_metric is better")
+    json_check: JsonEvalConfig | None = Field(None, alias="json", description="JSON tasks: the settings `lmlab "
+                                              "eval-json RUN` uses (split, json_schema, fields, max_new_tokens)")
 
 
 class CheckpointConfig(Section):
@@ -430,7 +436,8 @@ def _field_names(loc: tuple) -> list[str]:
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        field = getattr(model, "model_fields", {}).get(part)
+        fields = getattr(model, "model_fields", {})
+        field = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
         if field is None:
             return []
         ann = field.annotation
@@ -438,7 +445,7 @@ def _field_names(loc: tuple) -> list[str]:
         model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if model is None:
             return []
-    return [n for n, f in model.model_fields.items() if not f.exclude]
+    return [f.alias or n for n, f in model.model_fields.items() if not f.exclude]
 
 
 def _yaml_line(text: str, loc: tuple, partial: bool = False) -> int | None:

@@ -60,6 +60,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool) -
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _base_fingerprint(model: torch.nn.Module) -> str:
+    from lmlab.generate import base_fingerprint
+
+    return base_fingerprint(model)
+
+
 def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = recipe.train
     groups = param_groups(model, t.weight_decay, t.decay_norms_and_biases)
@@ -136,6 +142,9 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     if resume_from is not None:  # weights before prepare: ZeRO and FSDP copy or shard them there
         ckpt.load_model_weights(model, resume_from)
     groups = distributed.parameter_names(model, optimizer)  # ZeRO and FSDP replace the parameters in prepare
+    # adapters record which base they were trained on: loading one on another base is refused (generate.py)
+    base_fp = _base_fingerprint(model) if recipe.adapter.kind != "none" and recipe.run.task != "pair_classify" \
+        else None
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.compile:
         model = torch.compile(model)
@@ -192,6 +201,8 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
                 "fingerprints": prep.fingerprints, "lmlab_version": _version(), "task": recipe.run.task,
                 "recipe_source": recipe.source_path, "items_per_step": per_step, "world_size": world,
                 "strategy": recipe.distributed.strategy}
+        if base_fp is not None:
+            meta["base_fingerprint"] = base_fp
         path = ckpt.save_checkpoint(run_dir, step, model=saved_model, tokenizer=tokenizer,
                                     meta=meta, recipe_yaml=recipe.to_yaml(), files=prep.checkpoint_files,
                                     optimizer=saved_optimizer, scheduler=scheduler)

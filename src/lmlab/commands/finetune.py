@@ -161,9 +161,8 @@ def eval_json_command(
     from lmlab.generate import load_checkpoint
 
     loaded = load_checkpoint(run, output_dir=output_dir, base=base)
-    # the recipe's eval.json, once config.py has it (until then `json` is pydantic's deprecated method)
-    section = getattr(loaded.recipe.eval, "json", None)
-    settings = section.model_dump() if isinstance(section, JsonEvalConfig) else {}
+    section = loaded.recipe.eval.json_check  # the recipe's eval.json
+    settings = section.model_dump() if section is not None else {}
     given = {"split": split, "fields": field, "json_schema": str(schema.resolve()) if schema else None,
              "max_examples": max_examples, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
     try:
