@@ -116,8 +116,17 @@ def test_a_wrong_merge_is_caught_by_the_logit_comparison(lora_run, tmp_path, mon
 def test_same_shape_wrong_base_is_caught_by_the_recorded_loss(lora_run, tmp_path):
     _, result = lora_run
     other = make_base(tmp_path / "other", seed=5)
-    with pytest.raises(MergeRejected, match="base model is not the one it was trained on"):
+    # the checkpoint records its base's fingerprint: refused as soon as it loads
+    with pytest.raises(LmlabError, match="is not the one this adapter was trained on"):
         export_checkpoint(result.best_checkpoint, tmp_path / "out", merge=True, base=str(other))
+    # a checkpoint without one (older, or hand-made) is still caught by the loss it recorded in training
+    ckpt = copy_checkpoint(result, tmp_path / "ckpt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["base_fingerprint"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(MergeRejected, match="base model is not the one it was trained on"):
+        export_checkpoint(ckpt, tmp_path / "out", merge=True, base=str(other))
+    assert not (tmp_path / "out").exists()
 
 
 def test_full_checkpoint_exports_as_is(tmp_path):

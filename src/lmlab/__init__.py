@@ -1,5 +1,12 @@
 """lmlab: train, fine-tune, evaluate and compare small-to-mid language models from one YAML recipe."""
 
+import os as _os
+
+# DeepSpeed (optional extra), which accelerate imports when it is installed, prints a warning on stdout when it
+# finds no GPU, polluting `lmlab run --quiet`; with no NVIDIA driver on the machine, tell it CPU up front.
+if not _os.path.exists("/proc/driver/nvidia/version"):
+    _os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 from lmlab.config import Recipe, load_recipe
 from lmlab.errors import LmlabError, RecipeError
 

@@ -84,15 +84,22 @@ class MergeCheck:
         return {k: v for k, v in vars(self).items()} | {"ok": self.ok, "problems": self.problems}
 
 
-class MergeRejected(LmlabError):
-    """The merged model does not behave like the adapter model; nothing was written."""
+class CheckRejected(LmlabError):
+    """An export whose verification failed; nothing was written (or the written file was deleted)."""
 
     exit_code = 4
+    what = "verification"
+    hint = "pass --force to export anyway"
 
-    def __init__(self, check: MergeCheck):
+    def __init__(self, check: Any):  # a MergeCheck or a GgufCheck: anything with .problems
         self.check = check
-        super().__init__("merge verification failed: " + "; ".join(check.problems)
-                         + "; nothing written (pass --force to export anyway)")
+        super().__init__(f"{self.what} failed: " + "; ".join(check.problems) + f"; nothing written ({self.hint})")
+
+
+class MergeRejected(CheckRejected):
+    """The merged model does not behave like the adapter model; nothing was written."""
+
+    what = "merge verification"
 
 
 @dataclass

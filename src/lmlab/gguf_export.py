@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
+from lmlab.export import CheckRejected
 
 
 @dataclass(frozen=True)
@@ -153,15 +154,11 @@ class GgufCheck:
         return dict(vars(self)) | {"ok": self.ok, "problems": self.problems, "agree_rate": self.agree_rate}
 
 
-class GgufRejected(LmlabError):
+class GgufRejected(CheckRejected):
     """The GGUF file does not reproduce the model; it was deleted."""
 
-    exit_code = 4
-
-    def __init__(self, check: GgufCheck):
-        self.check = check
-        super().__init__("GGUF verification failed: " + "; ".join(check.problems)
-                         + "; nothing written (pass --force to keep the file anyway)")
+    what = "GGUF verification"
+    hint = "pass --force to keep the file anyway"
 
 
 @dataclass
