@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from lmlab.cli import app
 from lmlab.config import load_recipe
 from lmlab.data.templates import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
-from lmlab.errors import LmlabError, RecipeError
+from lmlab.errors import LmlabError
 from lmlab.inspect_data import (
     Unavailable,
     encode,
@@ -57,29 +57,7 @@ def write_recipe(folder: Path, tree: dict) -> Path:
 
 
 def load_or_skip(path: Path, overrides: list[str] | None = None):
-    try:
-        return load_recipe(path, overrides)
-    except RecipeError as e:
-        if "pair: unknown key" in str(e):  # pair_classify recipes before `pair:` joins lmlab.config.Recipe
-            return load_with_pair_section(path, overrides)
-        if "persona_chat" in str(e):
-            pytest.skip(f"{path.name}: data.format persona_chat is not in the schema yet")
-        raise
-
-
-def load_with_pair_section(path: Path, overrides: list[str] | None):
-    from lmlab.config import Recipe, _normalize_overrides, _set_path
-    from lmlab.pairs import PairConfig
-
-    class RecipeWithPair(Recipe):
-        pair: PairConfig | None = None
-
-    raw = yaml.safe_load(path.read_text())
-    for key, value in _normalize_overrides(overrides):
-        _set_path(raw, key, value)
-    recipe = RecipeWithPair.model_validate(raw)
-    recipe.source_path = str(path.resolve())
-    return recipe
+    return load_recipe(path, overrides)
 
 
 # ------------------------------------------------------------------------------------------ inspect

@@ -11,32 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from lmlab.config import Recipe, flatten, load_recipe
-from lmlab.pairs import PairConfig, build_pair_model, build_pair_task, resolve_pretrained
+from lmlab.pairs import build_pair_model, build_pair_task, resolve_pretrained
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 CPU_RECIPE, GPU_RECIPE = RECIPES / "pairs-minilm-cpu.yaml", RECIPES / "arena-distilbert.yaml"
 
 
-class RecipeWithPair(Recipe):
-    """Until lmlab.config.Recipe has its `pair` section."""
-
-    pair: PairConfig | None = None
-
-
 def load(path: Path, overrides: list[str] | None = None) -> Recipe:
-    if "pair" in Recipe.model_fields:
-        return load_recipe(path, overrides)
-    from lmlab.config import _normalize_overrides, _set_path
-
-    raw = yaml.safe_load(path.read_text())
-    for key, value in _normalize_overrides(overrides):
-        _set_path(raw, key, value)
-    recipe = RecipeWithPair.model_validate(raw)
-    recipe.source_path = str(path.resolve())
-    return recipe
+    return load_recipe(path, overrides)
 
 
 def tiny_bert(folder: Path, tokenizer) -> Path:
