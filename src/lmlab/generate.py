@@ -179,13 +179,21 @@ def _best_of_run_dir(run_dir: Path) -> Path:
     return found[-1]
 
 
+def workspace_of(checkpoint: Path) -> Path | None:
+    """The workspace a run's checkpoint lives in (<workspace>/runs/<id>/checkpoints/step-N), else None."""
+    parents = Path(checkpoint).resolve().parents
+    if len(parents) > 3 and parents[0].name == "checkpoints" and parents[2].name == "runs":
+        return parents[3]
+    return None
+
+
 def _ledger_near(checkpoint: Path) -> str | None:
-    """The sqlite ledger of the workspace a checkpoint lives in (<workspace>/runs/<id>/checkpoints/step-N)."""
+    """The sqlite ledger of the workspace a checkpoint lives in."""
     if os.environ.get("LMLAB_TRACKING_URI"):
         return os.environ["LMLAB_TRACKING_URI"]
-    parents = checkpoint.resolve().parents
-    if len(parents) > 3 and (parents[3] / "mlflow.db").is_file():
-        return f"sqlite:///{parents[3] / 'mlflow.db'}"
+    workspace = workspace_of(checkpoint)
+    if workspace is not None and (workspace / "mlflow.db").is_file():
+        return f"sqlite:///{workspace / 'mlflow.db'}"
     return None
 
 

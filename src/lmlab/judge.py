@@ -434,10 +434,10 @@ def default_cache_path(loaded: Any) -> Path:
     else beside the checkpoint."""
     if os.environ.get("LMLAB_JUDGE_CACHE"):
         return Path(os.environ["LMLAB_JUDGE_CACHE"])
-    parents = Path(loaded.path).resolve().parents
-    if len(parents) > 3 and parents[0].name == "checkpoints" and parents[2].name == "runs":
-        return parents[3] / "judge-cache.sqlite"
-    return Path(loaded.path).resolve().parent / "judge-cache.sqlite"
+    from lmlab.generate import workspace_of
+
+    workspace = workspace_of(loaded.path)
+    return (workspace or Path(loaded.path).resolve().parent) / "judge-cache.sqlite"
 
 
 def log_report(loaded: Any, report: JudgeReport) -> None:

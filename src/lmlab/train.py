@@ -60,12 +60,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool) -
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _base_fingerprint(model: torch.nn.Module) -> str:
-    from lmlab.generate import base_fingerprint
-
-    return base_fingerprint(model)
-
-
 def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = recipe.train
     groups = param_groups(model, t.weight_decay, t.decay_norms_and_biases)
@@ -143,7 +137,9 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
         ckpt.load_model_weights(model, resume_from)
     groups = distributed.parameter_names(model, optimizer)  # ZeRO and FSDP replace the parameters in prepare
     # adapters record which base they were trained on: loading one on another base is refused (generate.py)
-    base_fp = _base_fingerprint(model) if recipe.adapter.kind != "none" and recipe.run.task != "pair_classify" \
+    from lmlab.generate import base_fingerprint
+
+    base_fp = base_fingerprint(model) if recipe.adapter.kind != "none" and recipe.run.task != "pair_classify" \
         else None
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.compile:
