@@ -137,6 +137,8 @@ def make_accelerator(recipe) -> Any:
     # strategy; the process group (PartialState) stays
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision="bf16" if recipe.train.precision == "bf16" else "no", **options)
+    if strategy == "fsdp" and not torch.cuda.is_available():
+        _fsdp_on_cpu(accelerator)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise LmlabError(f"launched {expected} processes but accelerate sees {accelerator.num_processes}: each would "
@@ -156,19 +158,33 @@ def make_accelerator(recipe) -> Any:
     return accelerator
 
 
-def preflight(cfg: DistributedConfig) -> None:
-    """What can be checked before any process starts: the engine is installed and runs on this machine."""
-    import torch
+def _fsdp_on_cpu(accelerator) -> None:
+    """accelerate enters FSDP only on accelerators: with `cpu=True` it quietly trains plain data parallel (every
+    process holding everything). FSDP2 itself (`fully_shard`, all-gather and reduce-scatter) runs on CPU over gloo,
+    so lmlab puts the state into FSDP mode with the plugin accelerate reads from the launcher's config; from here
+    on accelerate's own FSDP2 path prepares, clips and gathers, as on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    state = accelerator.state
+    plugin = getattr(state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()  # from ACCELERATE_FSDP_*
+    if plugin.fsdp_version != 2:
+        return  # the fsdp_version check below names the fix
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+    # each later AcceleratorState() (the prepared optimizer makes one) copies the process state's type over ours
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def preflight(cfg: DistributedConfig) -> None:
+    """What can be checked before any process starts: the engine is installed."""
     if cfg.strategy.startswith("deepspeed"):
         try:
             import deepspeed as _  # noqa: F401
         except ImportError:
             raise LmlabError(f"distributed.strategy: {cfg.strategy} needs DeepSpeed, which is not installed: "
                              f"{DEEPSPEED_INSTALL}") from None
-    if cfg.strategy == "fsdp" and not torch.cuda.is_available():
-        raise LmlabError("distributed.strategy: fsdp needs CUDA GPUs (accelerate would quietly run plain DDP on CPU); "
-                         "use ddp or deepspeed_zero1/2/3 here")
 
 
 def _check_launcher(cfg: DistributedConfig) -> None:
@@ -236,7 +252,7 @@ def gather_for_checkpoint(accelerator, model, optimizer, groups: list[list[str]]
     elif accelerator.is_fsdp2:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        weights = accelerator.get_state_dict(model)
+        weights = _tie_like(unwrapped, accelerator.get_state_dict(model))
         state = None if optimizer is None else _by_position(get_optimizer_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)), groups)
     else:
@@ -256,6 +272,17 @@ def load_optimizer_state(accelerator, model, optimizer, groups: list[list[str]],
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
+
+
+def _tie_like(model, weights: dict[str, Any]) -> dict[str, Any]:
+    """Gathered weights are separate tensors; where the model ties parameters (embedding and LM head), let the
+    copies share one tensor again, so that `save_pretrained` writes the tied weight once, as for a plain model."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical = first.setdefault(id(p), name)
+        if canonical != name and canonical in weights and name in weights:
+            weights[name] = weights[canonical]
+    return weights
 
 
 class SavedModel:

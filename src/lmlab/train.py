@@ -121,7 +121,8 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     derived = {"derived.params_total": n_total, "derived.params_trainable": n_trainable,
                "derived.world_size": world, "derived.items_per_step": per_step,
                "derived.steps_per_epoch": steps_per_epoch, "derived.total_steps": total_steps,
-               "derived.warmup_steps": warmup, "derived.device": str(accelerator.device)}
+               "derived.warmup_steps": warmup, "derived.device": str(accelerator.device),
+               "derived.engine": accelerator.distributed_type.value}  # what accelerate runs: NO, MULTI_CPU, FSDP, …
     if recipe.run.task == "lm":
         derived["derived.tokens_per_step"] = per_step * recipe.model.block_size
     out.start(recipe, run_id, run_dir, derived)
