@@ -201,3 +201,21 @@ def test_fsdp_checkpoint_resumes_in_one_plain_process_and_back(workspace, one_pr
     lmlab_run(workspace, "--resume", part.run_id, "--nproc", "2",
               "--set", "train.batch_size=4", "--set", "distributed.strategy=fsdp")
     assert_same_run(part.run_id, one_process)
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_equals_one_process(workspace, one_process):
+    # LoRA on the reference run's final weights: frozen base and trainable adapters in the same FSDP2 units
+    base = str(list_checkpoints(Path("lmlab-runs/runs") / one_process.run_id)[-1])
+    lora = {"adapter__kind": "lora", "adapter__r": 4, "adapter__alpha": 8, "adapter__dropout": 0.0,
+            "adapter__target_modules": "all-linear", "model__init_from": base}
+    plain = train(load_recipe(data=recipe(run__name="lora-one", train__batch_size=8, **lora)), quiet=True)
+    run_id, _ = lmlab_run(workspace, write_recipe(workspace, train__batch_size=4, distributed__strategy="fsdp",
+                                                  **lora), "--nproc", "2")
+    a, b = losses(run_id), losses(plain.run_id)
+    assert len(a) == len(b) == 6 and max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)) <= LOSS_RTOL
+    # adapter-only checkpoints from both, equal
+    adapters = [load_file(str(list_checkpoints(Path("lmlab-runs/runs") / r)[-1] / "adapter_model.safetensors"))
+                for r in (run_id, plain.run_id)]
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) > 0
+    assert max((adapters[0][k] - adapters[1][k]).abs().max().item() for k in adapters[0]) <= WEIGHT_ATOL
