@@ -233,8 +233,8 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), validate_by_name=True,
-                              validate_by_alias=True, serialize_by_alias=True)
+    # merged with Section's config: `json` is the YAML key of json_check (a BaseModel method name)
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
     every_steps: int | None = Field(200, gt=0, description="Evaluate every N optimizer steps (and always at the end)")
     max_batches: int | None = Field(None, gt=0, description="Cap on validation batches per eval; null = whole split")

@@ -509,9 +509,7 @@ def _finish(loaded: LoadedCheckpoint, prompt: str, new_ids: list[int], eos: list
     cut = next((i for i, t in enumerate(new_ids) if t in eos), None)
     ids = new_ids if cut is None else new_ids[:cut]
     text = loaded.tokenizer.decode(ids, skip_special_tokens=False)
-    hits = [(text.find(s), s) for s in stops if s in text]
-    if hits:
-        pos, _ = min(hits)
+    if (pos := first_stop(text, stops)) is not None:
         return Generation(prompt, text[:pos], "stop", len(ids))
     if cut is not None:
         return Generation(prompt, text, "eos", cut + 1)
@@ -600,14 +598,23 @@ def _settled_text(loaded: LoadedCheckpoint, new_ids: list[int], eos: list[int], 
     still grow into a stop string and a trailing replacement character (an incomplete UTF-8 sequence)."""
     cut = next((i for i, t in enumerate(new_ids) if t in eos), None)
     text = loaded.tokenizer.decode(new_ids if cut is None else new_ids[:cut], skip_special_tokens=False)
-    hits = [text.find(s) for s in stops if s in text]
-    if hits:
-        return text[:min(hits)]
-    if cut is not None:
-        return text
+    if (pos := first_stop(text, stops)) is not None:
+        return text[:pos]
+    return text if cut is not None else settled(text, stops)
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first of the stop strings starts in `text`, or None."""
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def settled(text: str, stops: list[str]) -> str:
+    """Streamed text that no later token can change: without a trailing replacement character (the first bytes of
+    a multi-byte character) and without a tail that may still grow into a stop string."""
+    text = text.rstrip("\ufffd")
     held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    text = text[:len(text) - held]
-    return text.rstrip("\ufffd")
+    return text[:len(text) - held]
 
 
 def _contrastive(loaded: LoadedCheckpoint, prompt: str, ids: list[int], sampling: SamplingPreset) -> Generation:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
-from lmlab.generate import BUILTIN_PRESETS, SamplingPreset
+from lmlab.generate import BUILTIN_PRESETS, SamplingPreset, first_stop, settled
 
 INSTALL_HINT = "llama-cpp-python is not installed: pip install 'lmlab[llama]' (compiles llama.cpp, ~6 min)"
 
@@ -171,19 +171,12 @@ class LlamaCppBackend:
     def _fit(self, ids: list[int], sampling: SamplingPreset, param: str) -> SamplingPreset:
         """Refuse an empty prompt, one that fills the context, or contrastive search; shorten max_new_tokens to
         the room left."""
-        from lmlab.serve import RequestError
+        from lmlab.serve import RequestError, fit_to_context
 
         if sampling.mode == "contrastive":
             raise RequestError("contrastive search (penalty_alpha > 0) is not available on llama.cpp; use another "
                                "preset", param="penalty_alpha")
-        if not ids:
-            raise RequestError(f"{param}: the prompt is empty", param=param)
-        if len(ids) >= self.context:
-            raise RequestError(f"{param}: the prompt is {len(ids)} tokens; this model's context is {self.context} "
-                               "tokens", param=param, code="context_length_exceeded")
-        if sampling.max_new_tokens > self.context - len(ids):
-            sampling = sampling.model_copy(update={"max_new_tokens": self.context - len(ids)})
-        return sampling
+        return fit_to_context(len(ids), self.context, sampling, param)
 
     def _generate(self, ids: list[int], sampling: SamplingPreset, param: str) -> Iterator[Any]:
         """Text pieces as they settle, then one lmlab.serve.Completion whose text they add up to. A piece is held
@@ -207,16 +200,16 @@ class LlamaCppBackend:
                     text = self._text(new[:-1], ids)
                     break
                 text = self._text(new, ids)
-                cut = _first_stop(text, stops)
+                cut = first_stop(text, stops)
                 if cut is not None:
                     text, finish = text[:cut], "stop"
                     break
                 if len(new) >= sampling.max_new_tokens:
                     break
-                settled = _settled(text, stops)
-                if len(settled) > len(sent):
-                    yield settled[len(sent):]
-                    sent = settled
+                ready = settled(text, stops)
+                if len(ready) > len(sent):
+                    yield ready[len(sent):]
+                    sent = ready
         finally:
             tokens.close()
         if not new:
@@ -235,16 +228,3 @@ class LlamaCppBackend:
 def _last(pieces: Iterator[Any]) -> Any:
     *_, done = pieces
     return done
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def _settled(text: str, stops: list[str]) -> str:
-    """The text minus a tail that may still become a stop string and a trailing replacement character (the first
-    bytes of a multi-byte character)."""
-    text = text.rstrip("\ufffd")
-    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[: len(text) - hold]

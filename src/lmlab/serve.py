@@ -158,19 +158,22 @@ class TransformersBackend:
             pieces.close()  # stops the generation thread when the client goes away
 
     def _fit(self, prompt: tuple[str, list[int]], sampling: SamplingPreset, param: str) -> SamplingPreset:
-        """Refuse an empty prompt or one that fills the context; shorten max_new_tokens to the room left."""
-        n = len(prompt[1])
-        if n == 0:
-            raise RequestError(f"{param}: the prompt is empty", param=param)
-        context = context_length(self.loaded.model)
-        if context is None:
-            return sampling
-        if n >= context:
-            raise RequestError(f"{param}: the prompt is {n} tokens; this model's context is {context} tokens",
-                               param=param, code="context_length_exceeded")
-        if sampling.max_new_tokens > context - n:
-            sampling = sampling.model_copy(update={"max_new_tokens": context - n})
+        return fit_to_context(len(prompt[1]), context_length(self.loaded.model), sampling, param)
+
+
+def fit_to_context(n: int, context: int | None, sampling: SamplingPreset, param: str) -> SamplingPreset:
+    """Every backend's check of a prompt of n tokens: refuse an empty one or one that fills the context (None =
+    unknown); shorten max_new_tokens to the room left."""
+    if n == 0:
+        raise RequestError(f"{param}: the prompt is empty", param=param)
+    if context is None:
         return sampling
+    if n >= context:
+        raise RequestError(f"{param}: the prompt is {n} tokens; this model's context is {context} tokens",
+                           param=param, code="context_length_exceeded")
+    if sampling.max_new_tokens > context - n:
+        sampling = sampling.model_copy(update={"max_new_tokens": context - n})
+    return sampling
 
 
 def _completion(g: Generation, prompt_tokens: int) -> Completion:
