@@ -46,7 +46,7 @@ lint: install-test
 	$(VENV)/bin/ruff check src tests bench
 
 models: install-test
-	$(PY) -c "from lmlab.testing.smollm2 import models_root_with_smollm2 as m; print(m())"
+	cd tests && ../$(PY) -c "from helpers.smollm2 import models_root_with_smollm2 as m; print(m())"
 
 bench: install-test
 	$(PY) bench/throughput.py

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from lmlab.plan import ModelShape, TrainSetup, activation_bytes, plan_from_shape  # noqa: E402
+from lmlab.analysis.plan import ModelShape, TrainSetup, activation_bytes, plan_from_shape
 
 # SmolLM2-135M's config.json (LlamaConfig): built with random weights, nothing downloaded
 SMOLLM2_135M = dict(arch="llama", vocab_size=49152, d_model=576, n_layer=30, n_head=9, n_kv_head=3, d_ff=1536,

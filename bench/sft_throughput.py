@@ -50,9 +50,8 @@ def tiny_llama(vocab_size: int, eos_id: int):
 
 def base_folder(root: Path) -> Path:
     """The tiny model and SmolLM2's tokenizer saved as a pretrained folder (what an lmlab recipe points at)."""
+    from helpers.smollm2 import smollm2_hf_dir
     from transformers import AutoTokenizer
-
-    from lmlab.testing.smollm2 import smollm2_hf_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
     folder = root / "tiny-llama"

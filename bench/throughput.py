@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from lmlab import load_recipe, train
 from lmlab.data.lm import BlockView, collate_blocks, tokenize_documents
 from lmlab.data.sources import column, load_records
-from lmlab.models import build_causal_lm
-from lmlab.schedule import lr_at
-from lmlab.tokenizer import train_bpe
-from lmlab.train import epoch_order, make_optimizer
+from lmlab.data.tokenizer import train_bpe
+from lmlab.models.build import build_causal_lm
+from lmlab.training.loop import epoch_order
+from lmlab.training.optim import lr_at, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def run_plain(recipe, tok, blocks, skip: int) -> float:
     torch.manual_seed(0)
     model = build_causal_lm(recipe, len(tok), tok.eos_token_id)
     model.train()
-    opt = make_optimizer(recipe, model)
+    opt = make_optimizer(recipe.train, model, strategy=recipe.distributed.strategy)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, lr=1.0, min_lr=t.min_lr / t.lr, warmup=0,
                                                                    total=t.max_steps, schedule=t.schedule))
     order = epoch_order(len(blocks), 0, 0)

@@ -1,14 +1,15 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
-# the public data sets live beside the checkout (../shared/data); $LMLAB_DATA may point elsewhere
-os.environ.setdefault("LMLAB_DATA", str(REPO.parent / "shared" / "data"))
-DATA = Path(os.environ["LMLAB_DATA"])
+# tests live in folders mirroring src/lmlab; `helpers` (tests/helpers) is importable from all of them
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers.recipes import DATA, REPO  # noqa: E402,F401  (sets $LMLAB_DATA before any test imports lmlab)
 
 
 @pytest.fixture
@@ -19,26 +20,5 @@ def workspace(tmp_path, monkeypatch):
     return tmp_path
 
 
-def tiny_lm(**over) -> dict:
-    """A from-scratch LM recipe that trains in a couple of seconds on 2 CPU cores."""
-    recipe = {
-        "run": {"name": "tiny", "seed": 7},
-        "data": {"path": "hn_headlines/hacker_news.csv", "text_column": "title", "max_examples": 1500,
-                 "split": {"train": 0.8, "val": 0.2}},
-        "tokenizer": {"vocab_size": 400},
-        "model": {"arch": "gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32, "dropout": 0.1},
-        "train": {"lr": 3e-3, "batch_size": 8, "max_steps": 12, "warmup_steps": 2, "log_every": 2},
-        "eval": {"every_steps": 4},
-    }
-    return with_overrides(recipe, over)
-
-
-def with_overrides(recipe: dict, over: dict) -> dict:
-    """Apply keyword overrides named like train__lr=1e-3 (double underscore = nesting) to a recipe dict."""
-    for dotted, value in over.items():
-        node = recipe
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return recipe
+# module-scoped fixtures shared by several test folders (each test module gets its own instance)
+from helpers.toy import toy_run  # noqa: E402,F401  (a tiny Llama fine-tuned to answer four questions)

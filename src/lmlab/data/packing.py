@@ -5,7 +5,7 @@ rows come out nearly full). Each example keeps its own positions (position_ids r
 to itself: `collate_packed` builds a block-diagonal causal mask. Labels are already aligned per example with the
 last position -100, so no example ever predicts the first token of the next one.
 
-Which mask, measured on transformers 5.23 (tests/test_packing.py):
+Which mask, measured on transformers 5.23 (tests/data/test_packing.py):
 - attention="mask" (default): a 4-D *additive float* mask (B, 1, T, T), 0 = attend, float32 min = blocked.
   transformers uses any 4-D mask as is, for Llama and GPT-2 alike, with sdpa and eager attention, whatever the
   model's `use_cache`. A *boolean* 4-D mask is right under sdpa but silently wrong under eager attention (eager

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmlab.config import Recipe
+from lmlab.data.persona import load_persona_chat
 from lmlab.errors import LmlabError
+from lmlab.recipe.schema import Recipe
 
 
 def load_records(recipe: Recipe) -> list[dict[str, Any]]:
@@ -29,7 +30,6 @@ def load_records(recipe: Recipe) -> list[dict[str, Any]]:
 def read_file(path: Path, fmt: str = "auto", *, one_document_per_line: bool = False) -> list[dict[str, Any]]:
     fmt = _format_of(path) if fmt == "auto" else fmt
     if fmt == "persona_chat":  # Synthetic-Persona-Chat CSV(s) -> {"id", "messages"} records; see lmlab.data.persona
-        from lmlab.data.persona import load_persona_chat
 
         return load_persona_chat(path)[0]
     if fmt == "text":

@@ -7,8 +7,8 @@ import json
 import random
 from typing import Any
 
-from lmlab.config import SplitConfig
 from lmlab.errors import LmlabError
+from lmlab.recipe.schema import SplitConfig
 
 
 def split_records(records: list[Any], cfg: SplitConfig, seed: int) -> dict[str, list[Any]]:

@@ -1,0 +1,1 @@
+"""Reading results: runs table, compare, diff, report, lineage, data and prediction inspection, memory planner."""

@@ -1,0 +1,31 @@
+"""The `lmlab` command: thin typer commands over the library, one module per command group, registered here
+(hatch's layout). User mistakes print one line and exit non-zero. Nothing in lmlab imports this package.
+
+Command modules import the library inside each command, so `lmlab --help`, `validate`, `runs` and `diff` never
+load torch."""
+
+from __future__ import annotations
+
+import sys
+
+from lmlab.cli import compare, data, finetune, plan, serve, train  # noqa: F401  (each registers its commands)
+from lmlab.cli.app import app
+from lmlab.console import err_console
+from lmlab.errors import LmlabError, RecipeError
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    try:
+        app()
+    except RecipeError as e:
+        for line in str(e).splitlines():
+            err_console.print(f"[red]error:[/] {line}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except LmlabError as e:
+        err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+

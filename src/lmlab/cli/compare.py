@@ -1,0 +1,80 @@
+"""`lmlab compare`, `lmlab diff`, `lmlab report`: read runs back from the ledger and explain them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmlab.cli.app import app
+from lmlab.cli.options import Name, OutputDir, Uri
+from lmlab.console import console
+from lmlab.errors import LmlabError
+from lmlab.recipe.defaults import DEFAULT_WORKSPACE
+
+
+@app.command("compare")
+def compare_cmd(
+    runs: Annotated[list[str] | None, typer.Argument(help="Run ids (unique prefixes are enough)")] = None,
+    name: Name = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", "-p", help="Also show this recorded param even where runs agree, e.g. -p train.lr")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table")] = False,
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV (full keys, raw numbers)")] = False,
+    output_dir: OutputDir = DEFAULT_WORKSPACE,
+    uri: Uri = None,
+):
+    """One row per run: the hyperparameters that differ across the runs, then val loss, perplexity,
+    accuracy, judge scores, duration, tokens/s and device."""
+    from lmlab.analysis.compare import compare, resolve_uri, select_runs
+
+    if markdown and csv:
+        raise LmlabError("compare: choose one of --markdown and --csv")
+    if not runs and not name:
+        raise LmlabError("compare: give run ids or --name GLOB (see `lmlab runs`)")
+    uri = resolve_uri(uri, output_dir)
+    table = compare(select_runs(runs, name=name, uri=uri), uri=uri, keep=param)
+    if markdown:
+        console.out(table.markdown(), end="")
+    elif csv:
+        console.out(table.csv(), end="")
+    else:
+        console.print(table.rich())
+
+
+@app.command("diff")
+def diff_cmd(
+    a: Annotated[str, typer.Argument(help="First run id (a unique prefix is enough)")],
+    b: Annotated[str, typer.Argument(help="Second run id")],
+    output_dir: OutputDir = DEFAULT_WORKSPACE,
+    uri: Uri = None,
+):
+    """Why two runs may differ, most likely causes first: config, data, code, environment, seed; then metrics."""
+    from lmlab.analysis.compare import resolve_uri, select_runs
+    from lmlab.analysis.diff import diff_runs
+
+    uri = resolve_uri(uri, output_dir)
+    run_a, run_b = select_runs([a, b], uri=uri)
+    console.out(diff_runs(run_a, run_b, uri).text(), end="")
+
+
+@app.command("report")
+def report_cmd(
+    runs: Annotated[list[str] | None, typer.Argument(help="Run ids (unique prefixes are enough)")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write")] = Path("report.html"),
+    name: Name = None,
+    title: Annotated[str | None, typer.Option(help="Page title")] = None,
+    output_dir: OutputDir = DEFAULT_WORKSPACE,
+    uri: Uri = None,
+):
+    """Write one self-contained HTML file: loss curves (by step and by tokens), lr schedule, train–val gap with
+    overfitting and spikes marked, the compare table, evaluation results, generations."""
+    from lmlab.analysis.compare import resolve_uri, select_runs
+    from lmlab.analysis.report import write_report
+
+    if not runs and not name:
+        raise LmlabError("report: give run ids or --name GLOB (see `lmlab runs`)")
+    uri = resolve_uri(uri, output_dir)
+    path = write_report(select_runs(runs, name=name, uri=uri), uri, output, title=title)
+    console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")

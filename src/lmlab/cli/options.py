@@ -1,0 +1,21 @@
+"""Options shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from lmlab.recipe.defaults import DEFAULT_WORKSPACE
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a recipe field: --set train.lr=3e-4")]
+OutputDir = Annotated[str, typer.Option(help="Workspace whose sqlite ledger to read")]
+Uri = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $LMLAB_TRACKING_URI or the "
+                                            "workspace's sqlite)")]
+Name = Annotated[str | None, typer.Option(help="Runs whose name matches this glob, e.g. 'alpaca-*'")]
+RunRef = Annotated[str, typer.Argument(help="Run id (or unique prefix) or a checkpoint / run folder")]
+OutputDirOpt = Annotated[str, typer.Option("--output-dir", help="Workspace whose ledger resolves run ids")]
+BaseOpt = Annotated[str | None, typer.Option("--base", help="Adapter runs: load the base model from here "
+                                                "instead of the recipe's model.pretrained")]
+
+__all__ = ["DEFAULT_WORKSPACE", "BaseOpt", "Name", "OutputDir", "OutputDirOpt", "RunRef", "SetOpt", "Uri"]

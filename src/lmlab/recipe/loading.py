@@ -1,0 +1,99 @@
+"""Loading a recipe: YAML (or a dict) → `--set a.b=value` overrides → validation, every problem reported at once,
+each with the YAML line where it can be found. Also the one formatter of pydantic errors (`describe_error`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from lmlab.errors import RecipeError
+from lmlab.recipe.describe import describe_error
+from lmlab.recipe.filters import FILTER_KINDS
+from lmlab.recipe.schema import Recipe
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
+                *, data: dict | None = None) -> Recipe:
+    """Load a recipe from YAML (or a dict), apply `a.b=value` overrides, validate everything at once."""
+    source = str(path) if path is not None else "<recipe>"
+    text = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(["recipe file not found; check the path"], source)
+        text = p.read_text()
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark else ""
+            raise RecipeError([f"{where}not valid YAML ({getattr(e, 'problem', e)})"], source) from None
+        if not isinstance(raw, dict):
+            raise RecipeError(["the top level must be a mapping of sections (run:, data:, model:, ...)"], source)
+    else:
+        raw = dict(data or {})
+    problems: list[str] = []
+    for key, value in _normalize_overrides(overrides):
+        try:
+            _set_path(raw, key, value)
+        except ValueError as e:
+            problems.append(f"--set {key}: {e}")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems += [describe_error(err, root=Recipe, text=text, drop=FILTER_KINDS) for err in e.errors()]
+        raise RecipeError(problems, source) from None
+    if problems:
+        raise RecipeError(problems, source)
+    if path is not None:
+        recipe.source_path = str(Path(path).resolve())
+    return recipe
+
+
+def _normalize_overrides(overrides: list[str] | dict | None) -> list[tuple[str, Any]]:
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            out.append((item, _MISSING))
+            continue
+        key, value = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
+    return out
+
+
+_MISSING = object()
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    if value is _MISSING:
+        raise ValueError("expected key=value, e.g. --set train.lr=3e-4")
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"'{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

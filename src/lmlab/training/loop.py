@@ -1,0 +1,439 @@
+"""The one training loop: forward, loss, backward, clip, step, schedule, log, eval, checkpoint.
+
+Every task (lm, sft, pair_classify) and every model change (full, LoRA, QLoRA) runs through this loop;
+tasks differ only in the Task object (lmlab.tasks) and the model that `prepare` builds. `train()` reads in
+three phases: setup (open_run, prepare, derive_sizes, restore_state or record_provenance), the loop, and
+finish_run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from accelerate.utils import broadcast_object_list
+
+import lmlab.training.distributed as distributed
+from lmlab import __version__
+from lmlab.console import Reporter
+from lmlab.environment import environment, git_state
+from lmlab.errors import LmlabError, TrainingFailed
+from lmlab.models import checkpoint as ckpt
+from lmlab.models.build import count_parameters
+from lmlab.models.loading import base_fingerprint
+from lmlab.recipe.loading import load_recipe
+from lmlab.recipe.schema import DEFAULT_WORKSPACE, Recipe
+from lmlab.training.alerts import Alerts
+from lmlab.training.optim import lr_at, make_optimizer
+from lmlab.training.prepare import prepare
+from lmlab.workspace.layout import (
+    ARTIFACTS,
+    CHECKPOINTS,
+    TAG_BEST,
+    TAG_LAST,
+    TAG_PARENT_CHECKPOINT,
+    TAG_PARENT_RUN,
+    TAG_PAUSED,
+    TAG_RUN_DIR,
+    TAG_TASK,
+    prune,
+    read_meta,
+)
+from lmlab.workspace.layout import run_dir as layout_run_dir
+from lmlab.workspace.ledger import MlflowLedger, NullLedger, recipe_params, tracking_uri
+from lmlab.workspace.resolve import latest_checkpoint, resolve_init_from, resolve_run_dir
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_dir: Path
+    status: str  # FINISHED, FAILED, PAUSED (stop_after_steps / Ctrl-C: resumable)
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)  # final eval, best, throughput
+    best_checkpoint: Path | None = None
+    last_checkpoint: Path | None = None
+    history: list[dict[str, float]] = field(default_factory=list)  # per logged step
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training examples' order in an epoch: a function of (seed, epoch) only, so resume is exact."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@dataclass
+class OpenedRun:
+    """Who the run is: its id, folder and ledger record; `resume_from` is the checkpoint it continues from."""
+
+    run_id: str
+    run_dir: Path
+    ledger: Any  # MlflowLedger, or NullLedger (ledger off, or not the main process)
+    resume_from: Path | None = None
+
+
+@dataclass
+class Sizes:
+    """Sizes derived from the recipe and the data, printed at the start so a surprising number is seen early."""
+
+    per_step: int  # sequences (or examples) per optimizer step, all processes together
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    eval_every: int
+    save_every: int
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step (and what a checkpoint restores)."""
+
+    step: int = 0
+    best_value: float | None = None
+    best_path: Path | None = None
+    last_path: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest eval
+    history: list[dict[str, float]] = field(default_factory=list)
+    tokens_seen: int = 0
+    train_time: float = 0.0  # seconds spent in training steps (evaluation and saving excluded)
+
+
+def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps: int | None = None,
+          quiet: bool = False) -> TrainResult:
+    """Run `recipe` end to end and return its result. `resume`: a run id (or run folder) to continue
+    exactly from its last checkpoint. `stop_after_steps`: train at most this many steps in this call,
+    then checkpoint and return with status PAUSED (resume later: the result equals an unbroken run)."""
+    # ---- setup: processes, run identity, data and model, optimizer
+    t, seed = recipe.train, recipe.run.seed
+    transformers.utils.logging.disable_progress_bar()  # our own bar is the only one
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    accelerator = distributed.make_accelerator(recipe)  # checks the launcher started what the recipe asks for
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    out = Reporter(enabled=main and not quiet)
+    run = open_run(recipe, resume, main=main, world=world)
+    ledger, run_id, run_dir = run.ledger, run.run_id, run.run_dir
+    torch.manual_seed(seed)  # seeded before the model is built: initial weights depend on run.seed only
+    prep = prepare(recipe, tokenizer_dir=run.resume_from)
+    task, model, tokenizer = prep.task, prep.model, prep.tokenizer
+    sizes = derive_sizes(recipe, len(task.train_set), world)
+    n_total, n_trainable = count_parameters(model)
+    derived = {"derived.params_total": n_total, "derived.params_trainable": n_trainable,
+               "derived.world_size": world, "derived.items_per_step": sizes.per_step,
+               "derived.steps_per_epoch": sizes.steps_per_epoch, "derived.total_steps": sizes.total_steps,
+               "derived.warmup_steps": sizes.warmup, "derived.device": str(accelerator.device),
+               "derived.engine": accelerator.distributed_type.value}  # what accelerate runs: NO, MULTI_CPU, FSDP, …
+    if recipe.run.task == "lm":
+        derived["derived.tokens_per_step"] = sizes.per_step * recipe.model.block_size
+    out.start(recipe, run_id, run_dir, derived)
+    alerts = Alerts(recipe.alerts, sizes.total_steps, sizes.warmup, best_metric=recipe.eval.best_metric,
+                    best_mode=recipe.eval.best_mode)
+    for line in prep.notes:
+        out.note(line)
+
+    optimizer = make_optimizer(t, model, strategy=recipe.distributed.strategy)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
+        s, lr=1.0, min_lr=t.min_lr / t.lr, warmup=sizes.warmup, total=sizes.total_steps, schedule=t.schedule))
+    if run.resume_from is not None:  # weights before prepare: ZeRO and FSDP copy or shard them there
+        ckpt.load_model_weights(model, run.resume_from)
+    groups = distributed.parameter_names(model, optimizer)  # ZeRO and FSDP replace the parameters in prepare
+    # adapters record which base they were trained on: loading one on another base is refused (models.loading)
+    base_fp = base_fingerprint(model) if recipe.adapter.kind != "none" and recipe.run.task != "pair_classify" \
+        else None
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if t.compile:
+        model = torch.compile(model)
+
+    state = LoopState()
+    if run.resume_from is not None:
+        restore_state(state, run.resume_from, prep, sizes, accelerator, model, optimizer, scheduler, groups, t)
+        out.note(f"resumed from {run.resume_from} at step {state.step}")
+    else:
+        record_provenance(ledger, recipe, run_dir, prep, derived, accelerator)
+        if recipe.model.init_from is not None and recipe.model.init_optimizer:
+            parent = resolve_init_from(recipe).checkpoint
+            parent_state = ckpt.load_trainer_state(parent)
+            if parent_state is None:
+                raise LmlabError(f"model.init_optimizer: {parent} has no optimizer state; set it to false")
+            distributed.load_optimizer_state(accelerator, model, optimizer, groups, parent_state["optimizer"])
+
+    def save(step: int, metrics: dict[str, float]) -> Path | None:
+        accelerator.wait_for_everyone()
+        # every process takes part: ZeRO and FSDP gather full weights and optimizer state from their shards
+        saved_model, saved_optimizer = distributed.gather_for_checkpoint(
+            accelerator, model, optimizer if recipe.checkpoint.save_optimizer else None, groups)
+        if not main:
+            return None
+        meta = {"run_id": run_id, "epoch": step // sizes.steps_per_epoch,
+                "position_in_epoch": step % sizes.steps_per_epoch, "metrics": metrics,
+                "best_value": state.best_value, "best_checkpoint": str(state.best_path) if state.best_path else None,
+                "fingerprints": prep.fingerprints, "lmlab_version": __version__, "task": recipe.run.task,
+                "recipe_source": recipe.source_path, "items_per_step": sizes.per_step, "world_size": world,
+                "strategy": recipe.distributed.strategy}
+        if base_fp is not None:
+            meta["base_fingerprint"] = base_fp
+        path = ckpt.save_checkpoint(run_dir, step, model=saved_model, tokenizer=tokenizer,
+                                    meta=meta, recipe_yaml=recipe.to_yaml(), files=prep.checkpoint_files,
+                                    optimizer=saved_optimizer, scheduler=scheduler)
+        prune(run_dir, recipe.checkpoint.keep_last, state.best_path if recipe.checkpoint.keep_best else None)
+        return path
+
+    def evaluate(split, prefix):
+        return task.evaluate(model, split, prefix, device=accelerator.device, autocast=accelerator.autocast)
+
+    def report_alerts(raised, step):
+        for alert in raised:
+            out.alert(alert.message)
+        if raised:
+            ledger.log_metrics(alerts.counts(), step)
+            ledger.log_dict(alerts.to_dict(), "alerts.json")
+
+    report_alerts(alerts.on_start(), state.step)
+    # ---- the loop
+    model.train()
+    backward_kwargs = distributed.backward_kwargs(accelerator)  # DeepSpeed: the loss is normalised already
+    status, reason = "FINISHED", None
+    start_step, order_epoch, order = state.step, -1, None
+    window = {"loss": 0.0, "items": 0, "tokens": 0, "steps": 0, "t0": time.perf_counter()}
+    out.progress(sizes.total_steps, state.step)
+    try:
+        while state.step < sizes.total_steps:
+            step = state.step
+            if stop_after_steps is not None and step - start_step >= stop_after_steps:
+                status = "PAUSED"
+                break
+            epoch, pos = divmod(step, sizes.steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(len(task.train_set), seed, epoch), epoch
+            chunk = order[pos * sizes.per_step:(pos + 1) * sizes.per_step]
+            micro = [task.collate([task.train_set[i] for i in chunk[f:f + t.batch_size]])
+                     for f in ((a * world + rank) * t.batch_size for a in range(t.grad_accum))]
+            # every item (target token, example) of the step weighs the same whatever the accumulation and
+            # world size: divide by the step's item count over all processes, known before any forward pass
+            items = torch.tensor(float(sum(task.count(b) for b in micro)), device=accelerator.device)
+            items = accelerator.reduce(items, reduction="sum") if world > 1 else items
+            scale = world / max(float(items), 1.0)  # × world: DDP averages gradients over processes
+            loss_sum, tokens = torch.zeros((), device=accelerator.device), 0
+            for a, batch in enumerate(micro):
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                last = a == t.grad_accum - 1  # DeepSpeed steps inside this backward; others after the loop
+                sync = contextlib.nullcontext() if last else distributed.accumulating(accelerator, model)
+                with sync, accelerator.autocast():
+                    nll, _ = task.loss(model, batch)
+                    accelerator.backward(nll * scale, **backward_kwargs)
+                loss_sum += nll.detach()
+                tokens += task.tokens(batch)
+            loss_sum = accelerator.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum
+            step_loss = float(loss_sum) / max(float(items), 1.0)
+            if not math.isfinite(step_loss):
+                status, reason = "FAILED", f"loss became {step_loss} at step {step + 1}; last good checkpoint kept"
+                report_alerts(alerts.on_train(step + 1, step_loss), step + 1)
+                break
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step = step + 1
+            state.tokens_seen += tokens * world
+            window["loss"] += step_loss
+            window["steps"] += 1
+            window["tokens"] += tokens * world
+            out.advance(step, step_loss, scheduler.get_last_lr()[0])
+            report_alerts(alerts.on_train(step, step_loss), step)
+
+            if step % t.log_every == 0 or step == sizes.total_steps:
+                dt = time.perf_counter() - window["t0"]
+                state.train_time += dt
+                row = {"train/loss": window["loss"] / window["steps"], "train/lr": scheduler.get_last_lr()[0],
+                       "train/grad_norm": float(grad_norm), "train/tokens_per_s": window["tokens"] / dt,
+                       "train/epoch": step / sizes.steps_per_epoch, "train/tokens_seen": state.tokens_seen}
+                ledger.log_metrics(row, step)
+                state.history.append({"step": step, **row})
+                out.throughput(row["train/tokens_per_s"])
+                window.update(loss=0.0, steps=0, tokens=0, t0=time.perf_counter())
+
+            at_eval = step % sizes.eval_every == 0 or step == sizes.total_steps
+            if at_eval or step % sizes.save_every == 0:
+                t_eval = time.perf_counter()
+                if len(task.val_set) and at_eval:
+                    state.metrics = evaluate(task.val_set, "val")
+                    ledger.log_metrics(state.metrics, step)
+                    state.history.append({"step": step, **state.metrics})
+                    out.eval(step, state.metrics)
+                    report_alerts(alerts.on_eval(step, state.metrics), step)
+                    value = state.metrics.get(recipe.eval.best_metric)
+                    if value is not None and (state.best_value is None or (
+                            value < state.best_value if recipe.eval.best_mode == "min" else value > state.best_value)):
+                        state.best_value, state.best_path = value, run_dir / CHECKPOINTS / f"step-{step:07d}"
+                state.last_path = save(step, state.metrics) or state.last_path
+                window["t0"] += time.perf_counter() - t_eval  # eval and saving are not training throughput
+                if alerts.should_stop:  # early stopping: the run ends here as FINISHED, best checkpoint kept
+                    break
+    except KeyboardInterrupt:
+        status, reason = "PAUSED", f"interrupted at step {state.step}"
+        optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; resume redoes it
+    out.stop()
+
+    # ---- finish: a paused run saves where it stopped; every run ends in the ledger
+    if status == "PAUSED" and state.step > start_step:
+        state.last_path = save(state.step, state.metrics) or state.last_path
+    final = {}
+    if status == "FINISHED" and len(task.test_set):
+        final = evaluate(task.test_set, "test")
+    return finish_run(run, recipe, state, status, reason, final, out)
+
+
+def open_run(recipe: Recipe, resume: str | Path | None, *, main: bool, world: int) -> OpenedRun:
+    """A new ledger run, or the one being resumed (its id, folder and newest checkpoint). Every process gets
+    the same run id; only the main process writes to the ledger."""
+    resume_from = None
+    if resume is not None:
+        run_id, run_dir, _ = resolve_run_dir(resume, output_dir=recipe.run.output_dir, uri=recipe.ledger.uri)
+        resume_from = latest_checkpoint(run_dir)
+    else:
+        run_id = uuid.uuid4().hex if not (recipe.ledger.enabled and main) else None
+    ledger: Any = NullLedger(run_id or "")
+    if main and recipe.ledger.enabled:
+        ledger = MlflowLedger(tracking_uri(recipe), recipe.ledger.experiment, recipe.run.name, run_id=run_id,
+                              artifact_root=Path(recipe.run.output_dir) / ARTIFACTS)
+        run_id = ledger.run_id
+    run_id = broadcast_object_list([run_id])[0] if world > 1 else run_id
+    return OpenedRun(run_id, layout_run_dir(recipe.run.output_dir, run_id), ledger, resume_from)
+
+
+def derive_sizes(recipe: Recipe, n_items: int, world: int) -> Sizes:
+    """Steps, warmup and cadences from the recipe and the number of training items; one clear error when the
+    batch or the warmup cannot fit."""
+    t = recipe.train
+    per_step = t.batch_size * t.grad_accum * world
+    steps_per_epoch = n_items // per_step
+    if steps_per_epoch == 0:
+        raise LmlabError(f"train.batch_size: {t.batch_size} × grad_accum {t.grad_accum} × {world} process(es) "
+                         f"= {per_step} exceeds the {n_items} training items; lower batch_size")
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    warmup = t.warmup_steps if t.warmup_steps is not None else round((t.warmup_fraction or 0.0) * total_steps)
+    if warmup >= total_steps:
+        raise LmlabError(f"train.warmup_steps: warmup of {warmup} steps is not shorter than the run "
+                         f"({total_steps} steps); shorten the warmup or train longer")
+    eval_every = recipe.eval.every_steps or total_steps
+    save_every = recipe.checkpoint.every_steps or eval_every
+    return Sizes(per_step, steps_per_epoch, total_steps, warmup, eval_every, save_every)
+
+
+def restore_state(state: LoopState, checkpoint: Path, prep: Any, sizes: Sizes, accelerator: Any, model: Any,
+                  optimizer: Any, scheduler: Any, groups: list[list[str]], t: Any) -> None:
+    """Continue exactly where `checkpoint` left off: same data and global batch (else a clear error), optimizer,
+    schedule and RNG states, step and best-so-far."""
+    meta = read_meta(checkpoint)
+    _check_same_data(meta, prep.fingerprints)
+    _check_same_batch(meta, sizes.per_step, t.batch_size, t.grad_accum, accelerator.num_processes)
+    saved = ckpt.load_trainer_state(checkpoint)
+    if saved is None:
+        raise LmlabError(f"--resume: {checkpoint} has no optimizer state (checkpoint.save_optimizer was false)")
+    distributed.load_optimizer_state(accelerator, model, optimizer, groups, saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    ckpt.set_rng_state(saved["rng"])
+    state.step, state.best_value = meta["step"], meta.get("best_value")
+    state.best_path = Path(meta["best_checkpoint"]) if meta.get("best_checkpoint") else None
+
+
+def record_provenance(ledger: Any, recipe: Recipe, run_dir: Path, prep: Any, derived: dict[str, Any],
+                      accelerator: Any) -> None:
+    """Everything needed to explain the run later: the resolved recipe and derived sizes as params, data
+    reports and fingerprints, the environment, the parent run, the git state."""
+    ledger.log_params({**recipe_params(recipe), **derived, **prep.data_info,
+                       **{f"data.fingerprint.{k}": v for k, v in prep.fingerprints.items()}})
+    env = environment(str(accelerator.device), recipe.train.precision)
+    ledger.set_tags({TAG_RUN_DIR: str(run_dir.resolve()), TAG_TASK: recipe.run.task,
+                     **{f"env.{k}": v for k, v in env.items()}})
+    ledger.log_text(recipe.to_yaml(), "recipe.yaml")
+    ledger.log_dict(env, "environment.json")
+    for name, report in prep.artifacts.items():
+        ledger.log_dict(report, f"{name}.json")
+    if recipe.model.init_from is not None:
+        parent = resolve_init_from(recipe).checkpoint
+        parent_meta = read_meta(parent) if (parent / "meta.json").exists() else {}
+        ledger.set_tags({TAG_PARENT_RUN: parent_meta.get("run_id", ""), TAG_PARENT_CHECKPOINT: str(parent)})
+    git = git_state()
+    if git is not None:
+        ledger.set_tags({"git.commit": git["commit"], "git.dirty": git["dirty"]})
+        if git["patch"] or git["untracked"]:
+            ledger.log_text(git["patch"] + ("\n# untracked:\n" + git["untracked"] if git["untracked"] else ""),
+                            "git.patch")
+
+
+def finish_run(run: OpenedRun, recipe: Recipe, state: LoopState, status: str, reason: str | None,
+               test_metrics: dict[str, float], out: Any) -> TrainResult:
+    """End the run in the ledger as FINISHED (final metrics, best and last checkpoints), KILLED with a pause tag
+    (resumable), or FAILED with its reason (raised as TrainingFailed)."""
+    ledger, best = run.ledger, state.best_path
+    result = TrainResult(run.run_id, run.run_dir, status, state.step, history=state.history,
+                         last_checkpoint=state.last_path,
+                         best_checkpoint=best if best and best.exists() else state.last_path)
+    if status == "FINISHED":
+        final = {**state.metrics, **test_metrics}
+        if state.best_value is not None:
+            final[f"best/{recipe.eval.best_metric}"] = state.best_value
+        if state.train_time > 0:
+            final["train/mean_tokens_per_s"] = state.tokens_seen / state.train_time
+        result.metrics = final
+        ledger.log_metrics({f"final/{k}": v for k, v in final.items()}, state.step)
+        ledger.set_tags({TAG_BEST: str(result.best_checkpoint or ""), TAG_LAST: str(state.last_path or "")})
+        out.finish(result)
+        ledger.finish("FINISHED")
+    elif status == "PAUSED":
+        ledger.set_tags({TAG_PAUSED: str(state.step), TAG_LAST: str(state.last_path or "")})
+        ledger.finish("KILLED", reason or f"paused after {state.step} steps; resume with: lmlab run --resume "
+                      f"{run.run_id}")
+        out.note(f"paused at step {state.step}; resume with: lmlab run --resume {run.run_id}")
+    else:
+        ledger.finish("FAILED", reason)
+        raise TrainingFailed(f"run {run.run_id} FAILED: {reason}")
+    return result
+
+
+def resume_run(run_id: str, *, output_dir: str | None = None, overrides: list[str] | dict | None = None,
+               **kwargs) -> TrainResult:
+    """Continue a run from its last checkpoint with the recipe it was started with. `overrides` (--set) may
+    change how it runs, e.g. train.grad_accum to keep the global batch with another number of processes."""
+    recipe, run_dir = resume_recipe(run_id, output_dir=output_dir, overrides=overrides)
+    return train(recipe, resume=run_dir, **kwargs)
+
+
+def resume_recipe(run_id: str, *, output_dir: str | None = None,
+                  overrides: list[str] | dict | None = None) -> tuple[Recipe, Path]:
+    """The recipe a run was started with (plus `overrides`) and the run's folder."""
+    _, run_dir, _ = resolve_run_dir(run_id, output_dir=output_dir or DEFAULT_WORKSPACE)
+    recipe_file = latest_checkpoint(run_dir) / "recipe.yaml"
+    recipe = load_recipe(recipe_file, overrides)
+    # relative data paths resolve against the folder of the recipe the run was started from
+    recipe.source_path = read_meta(recipe_file.parent).get("recipe_source")
+    # the run goes on in the workspace it lives in (checkpoints and ledger rows), wherever it was started from
+    recipe.run.output_dir = str(run_dir.parent.parent)
+    return recipe, run_dir
+
+
+def _check_same_data(meta: dict, fingerprints: dict[str, str]) -> None:
+    before = meta.get("fingerprints", {})
+    changed = [k for k in fingerprints if before.get(k) not in (None, fingerprints[k])]
+    if changed:
+        raise LmlabError(f"--resume: the {', '.join(changed)} split(s) differ from the checkpoint's "
+                         "(data file or split settings changed); restore them or start a new run")
+
+
+def _check_same_batch(meta: dict, per_step: int, batch_size: int, grad_accum: int, world: int) -> None:
+    """Resuming with another number of processes is exact only with the same items per optimizer step."""
+    before = meta.get("items_per_step", per_step)
+    if before != per_step:
+        hint = f"e.g. --set train.grad_accum={before // (batch_size * world)}" \
+            if before % (batch_size * world) == 0 else "change train.batch_size or train.grad_accum"
+        raise LmlabError(f"--resume: the checkpoint took {before} items per optimizer step ({meta.get('world_size', '?')} "
+                         f"process(es)); this run takes {per_step} (batch {batch_size} × accumulation {grad_accum} × "
+                         f"{world} process(es)); keep the global batch: {hint}")

@@ -1,0 +1,143 @@
+"""The run ledger: MLflow (embedded sqlite by default, a tracking server when a team shares).
+
+Only rank 0 writes; other ranks get a NullLedger with the same methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import LmlabError
+from lmlab.recipe.loading import flatten
+from lmlab.recipe.schema import Recipe
+from lmlab.workspace import layout
+
+_MAX_PARAM = 6000  # MLflow's param value limit is 6000 characters
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def client(uri: str):
+    _quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c, name: str, artifact_root: Path | None) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    # a local sqlite ledger keeps artifacts next to it, not in ./mlruns of whatever the cwd was
+    location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+    return c.create_experiment(name, artifact_location=location)
+
+
+class MlflowLedger:
+    def __init__(self, uri: str, experiment: str, run_name: str, *, run_id: str | None = None,
+                 artifact_root: Path | None = None, tags: dict[str, str] | None = None):
+        self.uri = uri
+        self.client = client(uri)
+        try:
+            if run_id is not None:
+                self.run_id = self.client.get_run(run_id).info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+            else:
+                exp = experiment_id(self.client, experiment, artifact_root)
+                self.run_id = self.client.create_run(exp, run_name=run_name, tags=tags or {}).info.run_id
+        except Exception as e:
+            if "RESOURCE_DOES_NOT_EXIST" in str(e) or "not found" in str(e).lower():
+                raise LmlabError(f"ledger: no run '{run_id}' in {uri}; see `lmlab runs`") from None
+            raise
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_MAX_PARAM]) for k, v in params.items()]
+        existing = self.client.get_run(self.run_id).data.params
+        items = [p for p in items if p.key not in existing]  # params are write-once (resume re-logs them)
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        if reason:
+            self.set_tags({"lmlab.failure_reason": reason})
+        self.client.set_terminated(self.run_id, status)
+
+
+class NullLedger:
+    """Records nothing (ledger disabled, or not rank 0); same methods as MlflowLedger."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_params(self, params): ...
+    def log_metrics(self, metrics, step): ...
+    def set_tags(self, tags): ...
+    def log_text(self, text, artifact_file): ...
+    def log_dict(self, data, artifact_file): ...
+    def log_artifact(self, path, artifact_path=None): ...
+    def finish(self, status="FINISHED", reason=None): ...
+
+
+def recipe_params(recipe: Recipe) -> dict[str, Any]:
+    return flatten(recipe.resolved())
+
+
+def tracking_uri(recipe: Recipe) -> str:
+    """The ledger a recipe's run is recorded in."""
+    return layout.ledger_uri(recipe.run.output_dir, recipe.ledger.uri)
+
+
+def find_run(uri: str, run_id: str):
+    """The MLflow run for an id (a unique prefix is enough), or a clear error."""
+    c = client(uri)
+    try:
+        return c.get_run(run_id)
+    except Exception:
+        pass
+    matches = [r for r in search_runs(uri) if r.info.run_id.startswith(run_id)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise LmlabError(f"no run '{run_id}' in the ledger {uri}; list runs with `lmlab runs`")
+    raise LmlabError(f"run id prefix '{run_id}' is ambiguous ({len(matches)} runs); give more characters")
+
+
+def search_runs(uri: str, experiment: str | None = None, filter_string: str = "") -> list:
+    c = client(uri)
+    exps = c.search_experiments()
+    if experiment:
+        exps = [e for e in exps if e.name == experiment]
+    if not exps:
+        return []
+    return list(c.search_runs([e.experiment_id for e in exps], filter_string=filter_string,
+                              order_by=["attributes.start_time DESC"], max_results=5000))
