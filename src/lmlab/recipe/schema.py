@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field, model_validator
 from lmlab.recipe.alerts import AlertsConfig
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 from lmlab.recipe.distributed import DistributedConfig
+from lmlab.recipe.dpo import DpoConfig
 from lmlab.recipe.evaluation import JsonEvalConfig
 from lmlab.recipe.filters import FilterSpec
 from lmlab.recipe.generation import GenerationSection
@@ -28,9 +29,10 @@ from lmlab.recipe.section import Section
 # ----------------------------------------------------------------------------------------------- run
 class RunConfig(Section):
     name: str = Field("run", description="Human name of the run; runs are listed and filtered by it")
-    task: Literal["lm", "sft", "pair_classify"] = Field(
+    task: Literal["lm", "sft", "pair_classify", "dpo"] = Field(
         "lm", description="lm: next-token prediction on raw text; sft: prompt→completion fine-tuning; "
-        "pair_classify: prompt + response A + response B → A / B / tie"
+        "pair_classify: prompt + response A + response B → A / B / tie; dpo: preference training on "
+        "prompt + chosen + rejected (the dpo section)"
     )
     seed: int = Field(1337, description="Seeds data split, shuffling, init and dropout")
     output_dir: str = Field(
@@ -273,6 +275,7 @@ class Recipe(Section):
     generation: GenerationSection = Field(default_factory=GenerationSection,
                                           description="Named sampling presets for lmlab generate / eval")
     pair: PairConfig = Field(default_factory=PairConfig, description="task pair_classify: columns, encoding, model")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="task dpo: loss, beta, reference model, columns")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="LLM judge for `lmlab eval --judge`: "
                                "endpoint, model, prompt version, split")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
@@ -294,6 +297,12 @@ class Recipe(Section):
                              "(or model.init_from), or use adapter.kind: none")
         if self.run.task == "sft" and self.data.template is None:
             raise ValueError("data: task sft needs data.template (alpaca, chat, prompt_completion or text)")
+        if self.run.task == "dpo" and self.data.template in (None, "text"):
+            raise ValueError("data: task dpo renders prompts with data.template; set it to alpaca, chat or "
+                             "prompt_completion (text has no prompt)")
+        if self.dpo.reference == "adapter_disabled" and self.adapter.kind == "none":
+            raise ValueError("dpo: reference adapter_disabled needs a LoRA adapter (adapter.kind lora or qlora); "
+                             "use frozen_copy or precomputed for full fine-tuning")
         return self
 
     def resolved(self) -> dict[str, Any]:
