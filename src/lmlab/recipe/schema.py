@@ -24,6 +24,7 @@ from lmlab.recipe.judge import JudgeConfig
 from lmlab.recipe.pair import PairConfig
 from lmlab.recipe.paths import resolve_data_path, resolve_model_path
 from lmlab.recipe.section import Section
+from lmlab.recipe.sweep import SweepConfig
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -279,6 +280,9 @@ class Recipe(Section):
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="LLM judge for `lmlab eval --judge`: "
                                "endpoint, model, prompt version, split")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    # what `lmlab sweep` searches; not part of what a run learns, so a trial's recorded recipe leaves it out
+    sweep: SweepConfig | None = Field(None, exclude=True, description="lmlab sweep: the search space, sampler, "
+                                      "pruner and metric (lmlab.recipe.sweep)")
 
     # Where the recipe came from: data paths resolve relative to it. Not part of the recipe's content.
     source_path: str | None = Field(None, exclude=True, description="(set by load_recipe)")
