@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmlab.data.cache import cached
 from lmlab.data.filters import apply_filters
 from lmlab.data.pairs import check_pair_records
 from lmlab.data.sources import column, load_records
@@ -63,8 +64,10 @@ def split_data(recipe: Recipe, *, tokenizer_dir: Path | None = None, tokenizer: 
         splits = {k: column(v, col, source_name(recipe)) if v else [] for k, v in record_splits.items()}
         if tokenizer is None and tokenizer_dir is not None:
             tokenizer = load_pretrained(str(tokenizer_dir))
-        elif tokenizer is None and recipe.tokenizer.kind == "bpe":
-            tokenizer = build_tokenizer(recipe, splits["train"])
+        elif tokenizer is None and recipe.tokenizer.kind == "bpe":  # trained once per training split and settings
+            tokenizer = cached(recipe.run.output_dir, "bpe", {"train": fingerprint(splits["train"]),
+                                                              "tokenizer": recipe.tokenizer.model_dump(mode="json")},
+                               lambda: build_tokenizer(recipe, splits["train"]))
         elif tokenizer is None:
             name = recipe.tokenizer.name_or_path or recipe.model.pretrained
             if name is None:

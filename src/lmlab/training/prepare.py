@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lmlab.data.cache import cached
 from lmlab.data.lm import BlockView, collate_blocks, tokenize_documents
 from lmlab.data.packing import (
     collate_packed,
@@ -82,7 +83,12 @@ def _prepare_lm(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
     block = recipe.model.block_size
     if context is not None and block > context:
         raise LmlabError(f"model.block_size: {block} is larger than the model's context ({context}); lower block_size")
-    streams = {name: tokenize_documents(split, tokenizer, eos) for name, split in splits.items() if split}
+    # tokenized once per (split, tokenizer): a sweep's trials and reruns read the workspace's data cache
+    tok_hash = tokenizer_hash(tokenizer)
+    streams = {name: cached(recipe.run.output_dir, "lm-tokens", {"split": data.fingerprints[name], "tokenizer": tok_hash,
+                                                                "eos": eos},
+                            lambda split=split: tokenize_documents(split, tokenizer, eos))
+               for name, split in splits.items() if split}
     sets = {name: BlockView(s.ids, block, drop_last=(name == "train")) for name, s in streams.items()}
     if len(sets["train"]) == 0:
         raise LmlabError(f"model.block_size: the training split has {len(streams['train'].ids)} tokens, "
@@ -91,7 +97,7 @@ def _prepare_lm(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
     task = CausalLMTask(sets["train"], sets.get("val", []), collate_blocks, test_set=sets.get("test", []),
                         eval_batch_size=eval_bs, eval_max_batches=recipe.eval.max_batches,
                         chars={name: s.n_chars for name, s in streams.items()})
-    info: dict[str, Any] = {"data.empty_documents_dropped": n_empty, "tokenizer.hash": tokenizer_hash(tokenizer),
+    info: dict[str, Any] = {"data.empty_documents_dropped": n_empty, "tokenizer.hash": tok_hash,
                             "tokenizer.vocab_size": len(tokenizer), **split_info}
     for name, s in streams.items():
         info[f"data.{name}.documents"] = s.n_docs
@@ -111,6 +117,7 @@ def _prepare_sft(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
     data = split_data(recipe, tokenizer_dir=tokenizer_dir)
     splits, tokenizer, info, filter_report = data.splits, data.tokenizer, data.info, data.filter_report
     template = template_from_config(recipe.data, tokenizer)
+    tok_hash = tokenizer_hash(tokenizer)
     examples, notes = {}, []
     artifacts = {"template": template.to_dict(),
                  "split_hashes": {name: example_hashes(recs) for name, recs in splits.items()}}
@@ -118,8 +125,11 @@ def _prepare_sft(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
         if not recs:
             examples[split] = []
             continue
-        examples[split], report = tokenize_sft(recs, template, tokenizer, recipe.data,
-                                               source=f"{source_name(recipe)} ({split} split)")
+        where = f"{source_name(recipe)} ({split} split)"
+        key = {"split": data.fingerprints[split], "tokenizer": tok_hash, "template": template.to_dict(),
+               "data": recipe.data.model_dump(mode="json"), "source": where}
+        examples[split], report = cached(recipe.run.output_dir, "sft-tokens", key, lambda recs=recs, where=where:
+                                         tokenize_sft(recs, template, tokenizer, recipe.data, source=where))
         artifacts[f"preflight_{split}"] = report.to_dict()
         notes += [f"{split}: {line}" for line in report.lines()]
         info[f"data.{split}.examples"] = len(examples[split])
