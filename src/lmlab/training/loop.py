@@ -12,6 +12,7 @@ import contextlib
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ from lmlab.workspace.resolve import latest_checkpoint, resolve_init_from, resolv
 class TrainResult:
     run_id: str
     run_dir: Path
-    status: str  # FINISHED, FAILED, PAUSED (stop_after_steps / Ctrl-C: resumable)
+    status: str  # FINISHED, FAILED, PAUSED (stop_after_steps / Ctrl-C: resumable), STOPPED (on_eval said why)
     step: int
     metrics: dict[str, float] = field(default_factory=dict)  # final eval, best, throughput
     best_checkpoint: Path | None = None
@@ -106,10 +107,14 @@ class LoopState:
 
 
 def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps: int | None = None,
-          quiet: bool = False) -> TrainResult:
+          quiet: bool = False, on_eval: Callable[[int, dict[str, float]], str | None] | None = None,
+          tags: dict[str, str] | None = None) -> TrainResult:
     """Run `recipe` end to end and return its result. `resume`: a run id (or run folder) to continue
     exactly from its last checkpoint. `stop_after_steps`: train at most this many steps in this call,
-    then checkpoint and return with status PAUSED (resume later: the result equals an unbroken run)."""
+    then checkpoint and return with status PAUSED (resume later: the result equals an unbroken run).
+    `on_eval(step, val_metrics)`: called after each evaluation (and its checkpoint); a returned reason stops the run
+    there with status STOPPED, KILLED in the ledger with that reason, checkpoints kept (a sweep's pruner).
+    `tags`: ledger tags set on the run (e.g. mlflow.parentRunId)."""
     # ---- setup: processes, run identity, data and model, optimizer
     t, seed = recipe.train, recipe.run.seed
     transformers.utils.logging.disable_progress_bar()  # our own bar is the only one
@@ -118,7 +123,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     accelerator = distributed.make_accelerator(recipe)  # checks the launcher started what the recipe asks for
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     out = Reporter(enabled=main and not quiet)
-    run = open_run(recipe, resume, main=main, world=world)
+    run = open_run(recipe, resume, main=main, world=world, tags=tags)
     ledger, run_id, run_dir = run.ledger, run.run_id, run.run_dir
     torch.manual_seed(seed)  # seeded before the model is built: initial weights depend on run.seed only
     prep = prepare(recipe, tokenizer_dir=run.resume_from)
@@ -276,6 +281,12 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
                 window["t0"] += time.perf_counter() - t_eval  # eval and saving are not training throughput
                 if alerts.should_stop:  # early stopping: the run ends here as FINISHED, best checkpoint kept
                     break
+                if on_eval is not None and at_eval and len(task.val_set):  # every process stops at the same step
+                    why = on_eval(step, state.metrics) if main else None
+                    why = broadcast_object_list([why])[0] if world > 1 else why
+                    if why:
+                        status, reason = "STOPPED", why
+                        break
     except KeyboardInterrupt:
         status, reason = "PAUSED", f"interrupted at step {state.step}"
         optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; resume redoes it
@@ -290,7 +301,8 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     return finish_run(run, recipe, state, status, reason, final, out)
 
 
-def open_run(recipe: Recipe, resume: str | Path | None, *, main: bool, world: int) -> OpenedRun:
+def open_run(recipe: Recipe, resume: str | Path | None, *, main: bool, world: int,
+             tags: dict[str, str] | None = None) -> OpenedRun:
     """A new ledger run, or the one being resumed (its id, folder and newest checkpoint). Every process gets
     the same run id; only the main process writes to the ledger."""
     resume_from = None
@@ -302,8 +314,10 @@ def open_run(recipe: Recipe, resume: str | Path | None, *, main: bool, world: in
     ledger: Any = NullLedger(run_id or "")
     if main and recipe.ledger.enabled:
         ledger = MlflowLedger(tracking_uri(recipe), recipe.ledger.experiment, recipe.run.name, run_id=run_id,
-                              artifact_root=Path(recipe.run.output_dir) / ARTIFACTS)
+                              artifact_root=Path(recipe.run.output_dir) / ARTIFACTS, tags=tags)
         run_id = ledger.run_id
+        if resume is not None and tags:
+            ledger.set_tags(tags)
     run_id = broadcast_object_list([run_id])[0] if world > 1 else run_id
     return OpenedRun(run_id, layout_run_dir(recipe.run.output_dir, run_id), ledger, resume_from)
 
@@ -393,6 +407,10 @@ def finish_run(run: OpenedRun, recipe: Recipe, state: LoopState, status: str, re
         ledger.finish("KILLED", reason or f"paused after {state.step} steps; resume with: lmlab run --resume "
                       f"{run.run_id}")
         out.note(f"paused at step {state.step}; resume with: lmlab run --resume {run.run_id}")
+    elif status == "STOPPED":  # on_eval stopped it (a pruned sweep trial): not resumable, checkpoints kept
+        ledger.set_tags({TAG_BEST: str(result.best_checkpoint or ""), TAG_LAST: str(state.last_path or "")})
+        ledger.finish("KILLED", reason)
+        out.note(f"stopped at step {state.step}: {reason}")
     else:
         ledger.finish("FAILED", reason)
         raise TrainingFailed(f"run {run.run_id} FAILED: {reason}")
