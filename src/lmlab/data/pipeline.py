@@ -15,6 +15,7 @@ from typing import Any
 from lmlab.data.cache import cached
 from lmlab.data.filters import apply_filters
 from lmlab.data.pairs import check_pair_records
+from lmlab.data.preference import check_preference_columns
 from lmlab.data.sources import column, load_records
 from lmlab.data.splits import fingerprint, split_records
 from lmlab.data.tokenizer import build_tokenizer, load_pretrained
@@ -23,12 +24,13 @@ from lmlab.recipe.schema import Recipe
 
 # the tasks that start from a pretrained model's tokenizer, and what to say when none is named
 _NEEDS_PRETRAINED = {"sft": "task sft fine-tunes a pretrained model",
-                     "pair_classify": "task pair_classify needs a pretrained model"}
+                     "pair_classify": "task pair_classify needs a pretrained model",
+                     "dpo": "task dpo trains a pretrained model on preferences"}
 
 
 @dataclass
 class SplitData:
-    splits: dict[str, list]  # split -> lm: document texts; sft / pair_classify: records
+    splits: dict[str, list]  # split -> lm: document texts; sft / pair_classify / dpo: records
     tokenizer: Any
     fingerprints: dict[str, str]  # split -> sha256 of its examples in order
     info: dict[str, Any] = field(default_factory=dict)  # counts, logged as params
@@ -76,7 +78,7 @@ def split_data(recipe: Recipe, *, tokenizer_dir: Path | None = None, tokenizer: 
         return SplitData(splits, tokenizer, {k: fingerprint(v) for k, v in splits.items()}, info, report,
                          n_empty=len(records) - len(kept))
     if task not in _NEEDS_PRETRAINED:
-        raise LmlabError(f"run.task: '{task}' is not one of lm, sft, pair_classify")
+        raise LmlabError(f"run.task: '{task}' is not one of lm, sft, pair_classify, dpo")
     if tokenizer is None and tokenizer_dir is not None:
         tokenizer = load_pretrained(str(tokenizer_dir))
     elif tokenizer is None:  # before the records: token-count filters need it
@@ -87,6 +89,8 @@ def split_data(recipe: Recipe, *, tokenizer_dir: Path | None = None, tokenizer: 
     records = read_records(recipe)
     if task == "pair_classify":
         check_pair_records(recipe, records)  # before splitting: errors name rows in file order
+    if task == "dpo":
+        check_preference_columns(records, recipe.dpo, chat=recipe.data.template == "chat", source=source_name(recipe))
     splits, info, report = curated_splits(recipe, records, tokenizer)
     return SplitData(splits, tokenizer, {k: fingerprint(v) for k, v in splits.items()}, info, report)
 

@@ -133,9 +133,11 @@ def tokenize_sft(
     cfg: Any,
     *,
     source: str | None = None,
+    what: str = "SFT example",
 ) -> tuple[list[dict[str, Any]], PreflightReport]:
     """Tokenize SFT records (a list of dicts) with `template`. `cfg` is the recipe's `DataConfig` (max_length,
-    truncation, train_on_prompt, add_eos). `source` names the file in error messages.
+    truncation, train_on_prompt, add_eos). `source` names the file in error messages, `what` the examples
+    (preference training tokenizes each side of its pairs here).
 
     Raises LmlabError for missing columns, template placeholders absent from the data, unknown chat roles, a
     tokenizer without EOS when add_eos is on, and when no example is left."""
@@ -260,7 +262,7 @@ def tokenize_sft(
             if PROMPT_TOO_LONG in report.dropped or TOO_LONG in report.dropped
             else "check the completion column"
         )
-        raise LmlabError(f"{where}: no SFT example left after tokenization ({reasons}); {fix}")
+        raise LmlabError(f"{where}: no {what} left after tokenization ({reasons}); {fix}")
     return examples, report
 
 

@@ -259,6 +259,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
                 row = {"train/loss": window["loss"] / window["steps"], "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm), "train/tokens_per_s": window["tokens"] / dt,
                        "train/epoch": step / sizes.steps_per_epoch, "train/tokens_seen": state.tokens_seen}
+                row.update(getattr(task, "train_metrics", dict)())  # a task's own (dpo: rewards, margin, accuracy)
                 ledger.log_metrics(row, step)
                 state.history.append({"step": step, **row})
                 out.throughput(row["train/tokens_per_s"])

@@ -4,6 +4,7 @@ for a new run and for a resumed one (a resumed run reuses the tokenizer saved in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from lmlab.data.packing import (
     packing_efficiency,
 )
 from lmlab.data.pipeline import source_name, split_data
+from lmlab.data.preference import tokenize_preference
 from lmlab.data.sft import pad_token_id, tokenize_sft
 from lmlab.data.splits import example_hashes
 from lmlab.data.templates import template_from_config
@@ -31,6 +33,15 @@ from lmlab.recipe.schema import Recipe
 from lmlab.tasks.base import Task
 from lmlab.tasks.causal_lm import CausalLMTask
 from lmlab.tasks.pairs.task import build_pair_task
+from lmlab.tasks.preference import (
+    AdapterDisabled,
+    DpoTask,
+    FrozenCopy,
+    Precomputed,
+    collate_pairs,
+    precompute_reference,
+    weights_fingerprint,
+)
 from lmlab.workspace.resolve import resolve_init_from
 
 
@@ -53,6 +64,8 @@ def prepare(recipe: Recipe, tokenizer_dir: Path | None = None) -> Prepared:
         return _prepare_lm(recipe, tokenizer_dir)
     if recipe.run.task == "sft":
         return _prepare_sft(recipe, tokenizer_dir)
+    if recipe.run.task == "dpo":
+        return _prepare_dpo(recipe, tokenizer_dir)
     return _prepare_pairs(recipe, tokenizer_dir)
 
 
@@ -152,6 +165,100 @@ def _prepare_sft(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
     info.update({"tokenizer.hash": tokenizer_hash(tokenizer), "tokenizer.vocab_size": len(tokenizer)})
     return Prepared(task, tokenizer, model, data.fingerprints, info, artifacts,
                     checkpoint_files={"template.json": template.to_dict()}, notes=notes)
+
+
+def _prepare_dpo(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
+    data = split_data(recipe, tokenizer_dir=tokenizer_dir)
+    splits, tokenizer, info, filter_report = data.splits, data.tokenizer, data.info, data.filter_report
+    template = template_from_config(recipe.data, tokenizer)
+    examples, keys, notes = {}, {}, []
+    artifacts: dict[str, Any] = {"template": template.to_dict(),
+                                 "split_hashes": {name: example_hashes(recs) for name, recs in splits.items()}}
+    for split, recs in splits.items():
+        if not recs:
+            examples[split] = []
+            continue
+        where = f"{source_name(recipe)} ({split} split)"
+        keys[split] = {"split": data.fingerprints[split], "tokenizer": tokenizer_hash(tokenizer), "source": where,
+                       "template": template.to_dict(), "data": recipe.data.model_dump(mode="json"),
+                       "dpo": recipe.dpo.model_dump(mode="json", include={"prompt_column", "chosen_column",
+                                                                          "rejected_column", "shared_prefix_marker",
+                                                                          "transcript_roles"})}
+        examples[split], report = cached(recipe.run.output_dir, "dpo-pairs", keys[split], lambda recs=recs, where=where:
+                                         tokenize_preference(recs, template, tokenizer, recipe.data, recipe.dpo,
+                                                             source=where))
+        artifacts[f"preflight_{split}"] = report.to_dict()
+        notes += [f"{split}: {line}" for line in report.lines()]
+        info.update({f"data.{split}.pairs": report.n_pairs, f"data.{split}.dropped": report.n_dropped,
+                     f"data.{split}.truncated": report.truncated_chosen + report.truncated_rejected})
+    if filter_report:
+        artifacts["filters"] = filter_report
+    kind = dpo_reference_kind(recipe)
+    model = _build_model(recipe, tokenizer)
+    pad = pad_token_id(tokenizer)
+    eval_bs = recipe.eval.batch_size or recipe.train.batch_size
+    reference: Any
+    if kind == "frozen_copy":
+        reference = FrozenCopy(model)
+        size = sum(p.numel() * p.element_size() for p in reference.model.parameters())
+        notes.append(f"reference: a frozen copy of the starting model ({size / 2**20:,.1f} MiB more)")
+    elif kind == "precomputed":
+        reference = Precomputed()
+        notes.append(attach_reference_logps(recipe, model, examples, keys, partial(collate_pairs, pad_id=pad), eval_bs))
+    else:
+        reference = AdapterDisabled()
+        notes.append("reference: the same model with its LoRA adapter switched off (no second copy)")
+    task = DpoTask(recipe.dpo, examples["train"], examples["val"], examples["test"], reference=reference, pad_id=pad,
+                   eval_batch_size=eval_bs, eval_max_batches=recipe.eval.max_batches)
+    info.update({"dpo.reference_resolved": kind, "tokenizer.hash": tokenizer_hash(tokenizer),
+                 "tokenizer.vocab_size": len(tokenizer)})
+    return Prepared(task, tokenizer, model, data.fingerprints, info, artifacts,
+                    checkpoint_files={"template.json": template.to_dict()}, notes=notes)
+
+
+def dpo_reference_kind(recipe: Recipe) -> str:
+    """dpo.reference resolved: auto is adapter_disabled for a new LoRA adapter, else precomputed (full fine-tuning,
+    or an adapter continued from model.init_from, whose base without it is not the model training starts from)."""
+    parent_adapter = recipe.model.init_from is not None and \
+        (resolve_init_from(recipe).checkpoint / "adapter_config.json").is_file()
+    kind = recipe.dpo.reference
+    if kind == "auto":
+        return "adapter_disabled" if recipe.adapter.kind != "none" and not parent_adapter else "precomputed"
+    if kind == "adapter_disabled" and parent_adapter:
+        raise LmlabError("dpo.reference: adapter_disabled would compare against the base model without the adapter "
+                         "model.init_from continues, not the model training starts from; use precomputed or auto")
+    return kind
+
+
+def attach_reference_logps(recipe: Recipe, model: torch.nn.Module, examples: dict[str, list[dict]],
+                           keys: dict[str, dict], collate: Any, batch_size: int) -> str:
+    """Put the starting model's log-probs of every pair into its example (key 'ref'): one forward pass over all
+    splits, cached in the workspace by the model's weights, the precision and the pairs (their tokenization keys),
+    so a resumed run or a rerun reads them back. Returns the note printed at the start of the run."""
+    import os
+    import time
+
+    def compute() -> dict[str, list[tuple[float, float]]]:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if recipe.train.precision == "bf16" \
+            else None
+        model.to(device)
+        try:
+            return {split: precompute_reference(model, ex, collate, batch_size, device=device, autocast=autocast)
+                    for split, ex in examples.items()}
+        finally:
+            model.to("cpu")
+
+    start = time.perf_counter()
+    key = {"weights": weights_fingerprint(model), "precision": recipe.train.precision, "pairs": keys}
+    logps = cached(recipe.run.output_dir, "dpo-reference", key, compute)
+    for split, ex in examples.items():
+        for e, ref in zip(ex, logps[split], strict=True):
+            e["ref"] = tuple(ref)
+    n = sum(len(v) for v in examples.values())
+    return (f"reference: the starting model's log-probs of {n} pairs, computed once before training "
+            f"({time.perf_counter() - start:.1f} s; cached in the workspace), no second copy in memory")
 
 
 def _build_model(recipe: Recipe, tokenizer) -> torch.nn.Module:
