@@ -9,7 +9,7 @@ export LMLAB_DATA ?= $(abspath ../shared/data)
 export LMLAB_MODELS ?= $(HOME)/.cache/lmlab/models
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test install-deepspeed demo test test-slow lint bench models clean
+.PHONY: install install-test install-deepspeed install-postgres demo test test-slow lint bench models clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,7 +39,14 @@ demo: install
 test: install-test
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest
 
-test-slow: install-test
+# the sweep's multi-machine test runs a PostgreSQL server of its own: Debian's postgresql and the psycopg driver
+install-postgres: install-test
+	$(PIP) -e '.[postgres]'
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; } \
+		|| echo "postgresql not installed: the PostgreSQL sweep test will be skipped"
+
+test-slow: install-test install-postgres
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -m slow
 
 lint: install-test
