@@ -6,24 +6,22 @@ artifacts and metric histories.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
-from lmlab.analysis.runs_table import model_summary
-from lmlab.console import human
+from lmlab.analysis.runs_table import LOSS_HELP, model_summary
+from lmlab.console import Column, Grid, human
 from lmlab.errors import LmlabError
 from lmlab.recipe.schema import DEFAULT_WORKSPACE, Recipe
 from lmlab.workspace.layout import ledger_uri
-from lmlab.workspace.ledger import client
+from lmlab.workspace.ledger import SCRATCH_SHAPE, client, uses_loaded_model
 from lmlab.workspace.runs import RunRow, list_runs
 
 # Recipe fields that label, file or watch a run but cannot change what it learns: never a "difference".
@@ -42,11 +40,19 @@ HEADERS = {
     "derived.items_per_step": "batch", "derived.tokens_per_step": "tokens/step", "derived.total_steps": "steps",
     "derived.warmup_steps": "warmup steps", "model.pretrained": "model.pretrained",
 }
-THROUGHPUT = ("train/tokens_per_s", "train/mean_tokens_per_s")
+# throughput metrics (machine speed, not a result: diff leaves them out). train/*: per logging window, training steps
+# only; final/train/mean_*: the whole run's training steps; final/train/wall_*: the whole loop incl. eval and saving
+THROUGHPUT = ("train/tokens_per_s", "train/loss_tokens_per_s", "train/mean_tokens_per_s",
+              "train/mean_loss_tokens_per_s", "train/wall_tokens_per_s")
+COMPARE_HELP = (LOSS_HELP + " tok/s: tokens the model processed per second (padding excluded), mean over the run's "
+                "training steps (evaluation and checkpointing excluded); loss tok/s: the same for tokens that carry "
+                "loss (fewer in SFT, where prompts are masked; runs recorded before lmlab logged both counted only "
+                "these); wall tok/s: all tokens ÷ the loop's wall-clock time including evaluation and checkpoints.")
 
 
 def resolve_uri(uri: str | None = None, output_dir: str = DEFAULT_WORKSPACE) -> str:
-    return ledger_uri(output_dir, uri)
+    """The ledger the reading commands (compare, diff, report) use; reading never creates a workspace."""
+    return ledger_uri(output_dir, uri, create=False)
 
 
 def select_runs(run_ids: list[str] | None = None, *, name: str | None = None, uri: str | None = None,
@@ -149,9 +155,12 @@ def recipe_default(key: str) -> str | None:
 
 
 def param(row: RunRow, key: str) -> str | None:
-    """A run's recorded param; for a recipe field it did not record, the field's default."""
+    """A run's recorded param; for a recipe field it did not record, the field's default — except a from-scratch
+    shape field of a run on a loaded model: its model has no such setting (None), the default would be wrong."""
     value = row.params.get(key)
-    return value if value is not None else recipe_default(key)
+    if value is not None or (key in SCRATCH_SHAPE and uses_loaded_model(row.params)):
+        return value
+    return recipe_default(key)
 
 
 def is_bookkeeping(key: str) -> bool:
@@ -176,56 +185,14 @@ def differing_params(rows: list[RunRow], keep: list[str] | None = None) -> list[
 
 # --------------------------------------------------------------------------------------- the table
 @dataclass
-class Column:
-    key: str  # csv header: a param key, a metric key, or an info name
-    header: str  # terminal / markdown / html header
-    values: list[Any]  # one per run: str, float or None
-    kind: str = "param"  # info, param, metric
-    fmt: Callable[[Any], str] = str
+class Comparison(Grid):
+    """The compare table (lmlab.console.Grid: every output format) and the runs it is about."""
 
+    runs: list[RunRow] = field(default_factory=list)
 
-@dataclass
-class Comparison:
-    runs: list[RunRow]
-    columns: list[Column]
-
-    def cells(self) -> list[list[str]]:
-        return [[("" if c.values[i] is None else c.fmt(c.values[i])) for c in self.columns]
-                for i in range(len(self.runs))]
-
-    def markdown(self) -> str:
-        head = [c.header for c in self.columns]
-        lines = ["| " + " | ".join(head) + " |",
-                 "|" + "|".join("---:" if c.kind == "metric" else "---" for c in self.columns) + "|"]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in self.cells()]
-        return "\n".join(lines) + "\n"
-
-    def csv(self) -> str:
-        """Machine-readable: full keys as headers, unformatted numbers."""
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow([c.key for c in self.columns])
-        for i in range(len(self.runs)):
-            w.writerow(["" if c.values[i] is None else c.values[i] for c in self.columns])
-        return buf.getvalue()
-
-    def rich(self):
-        from rich.table import Table
-
-        table = Table(show_lines=False)
-        for c in self.columns:
-            table.add_column(c.header, justify="right" if c.kind == "metric" else "left", overflow="fold")
-        for row in self.cells():
-            table.add_row(*row)
-        return table
-
-    def html(self) -> str:
-        from html import escape
-
-        head = "".join(f"<th>{escape(c.header)}</th>" for c in self.columns)
-        body = "".join("<tr>" + "".join(f'<td class="{c.kind}">{escape(v)}</td>' for c, v in zip(self.columns, row, strict=True))
-                       + "</tr>" for row in self.cells())
-        return f'<table class="compare"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    def records(self) -> list[dict[str, Any]]:
+        """JSON: each run's full record (ids, status, params, metrics, paths) and its row of this table."""
+        return [{**r.record(), "columns": row} for r, row in zip(self.runs, super().records(), strict=True)]
 
 
 def _num(x: float) -> str:
@@ -304,9 +271,16 @@ def compare(rows: list[RunRow], *, uri: str | None = None, keep: list[str] | Non
     for k in judges:
         metric(k, k.replace("/", " ").replace("_", " "), [_first(m, f"final/{k}", k) for m in ms])
     metric("duration_s", "duration", [r.duration_s for r in rows], duration)
-    metric("tokens_per_s", "tokens/s", [_first(m, "final/train/mean_tokens_per_s", "train/tokens_per_s") for m in ms],
-           lambda v: f"{v:,.0f}")
+    rate = lambda v: f"{v:,.0f}"  # noqa: E731
+    # before lmlab logged both counts, final/train/mean_tokens_per_s counted loss-bearing tokens only
+    both = ["final/train/mean_loss_tokens_per_s" in m for m in ms]
+    metric("train/mean_tokens_per_s", "tok/s", [m.get("final/train/mean_tokens_per_s") if new else None
+                                                for m, new in zip(ms, both, strict=True)], rate)
+    metric("train/mean_loss_tokens_per_s", "loss tok/s",
+           [m.get("final/train/mean_loss_tokens_per_s" if new else "final/train/mean_tokens_per_s")
+            for m, new in zip(ms, both, strict=True)], rate)
+    metric("train/wall_tokens_per_s", "wall tok/s", [m.get("final/train/wall_tokens_per_s") for m in ms], rate)
     devices = [device_label(r.tags) for r in rows]
     if any(devices):
         cols.append(Column("device", "device", devices, "info"))
-    return Comparison(rows, cols)
+    return Comparison(cols, caption=COMPARE_HELP, runs=rows)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ from lmlab.analysis.compare import (
     read_json_artifact,
     recipe_default,
 )
+from lmlab.console import Column, Grid
 from lmlab.data.splits import example_hashes  # noqa: F401  (diff compares these per split)
 from lmlab.workspace.runs import RunRow
 
@@ -87,6 +88,20 @@ class RunDiff:
 
     def text(self) -> str:
         return "\n".join(self.lines()) + "\n"
+
+    def grid(self) -> Grid:
+        """One row per difference (`lmlab diff --format csv`)."""
+        ds = self.differences
+        return Grid([Column(name, name, [getattr(d, name) for d in ds]) for name in ("section", "key", "a", "b", "note")])
+
+    def to_dict(self) -> dict:
+        """`lmlab diff --format json`: both runs' identities, whether recorded inputs differ, every difference."""
+        def who(r: RunRow) -> dict:
+            rec = r.record()
+            return {k: rec[k] for k in ("run_id", "name", "status", "start_time", "duration_s", "paths")}
+
+        return {"a": who(self.a), "b": who(self.b), "inputs_differ": bool(self.input_differences),
+                "differences": [asdict(d) for d in self.differences]}
 
 
 def _identity(label: str, r: RunRow) -> str:

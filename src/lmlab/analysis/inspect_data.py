@@ -152,8 +152,9 @@ class DataInspection:
 
 
 def inspect_data(recipe: Recipe, *, top_n: int = TOP_N, out_dir: Path | None = None,
-                 html_page: bool = False) -> DataInspection:
-    """Statistics of the recipe's data; with `out_dir`, PNG plots there (and `index.html` with `html_page`)."""
+                 html_page: bool = False, html_path: Path | None = None) -> DataInspection:
+    """Statistics of the recipe's data; with `out_dir`, PNG plots there, and one HTML page with every table and
+    plot at `html_path` (default `out_dir/index.html` with `html_page`)."""
     t0 = time.perf_counter()
     data = recipe_data(recipe)
     tok = data.tokenizer
@@ -176,8 +177,8 @@ def inspect_data(recipe: Recipe, *, top_n: int = TOP_N, out_dir: Path | None = N
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         ins.plots = write_plots(ins, out_dir)
-        if html_page:
-            ins.html_path = write_html(ins, out_dir / "index.html")
+        if html_page or html_path is not None:
+            ins.html_path = write_html(ins, Path(html_path) if html_path is not None else out_dir / "index.html")
         ins.seconds = time.perf_counter() - t0
     return ins
 
@@ -457,6 +458,7 @@ def write_html(ins: DataInspection, path: Path) -> Path:
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:90%}pre{background:#f6f6f6;"
              "padding:8px;white-space:pre-wrap}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>data inspect: "
                     f"{html.escape(ins.recipe_name)}</title><style>{style}</style></head><body>"
                     + "\n".join(parts) + "</body></html>", encoding="utf-8")

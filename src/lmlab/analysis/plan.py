@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmlab.analysis.devices import Device, GiB, MiB, parse_device
+from lmlab.console import Column, Grid
 from lmlab.errors import LmlabError
 from lmlab.recipe.schema import Recipe
 
@@ -523,6 +524,19 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def grid(self) -> Grid:
+        """`lmlab plan --format csv`: each part's bytes (its full size, what of it is alive at the peak), then the
+        peak and the usable memory."""
+        at = self.at_peak
+        activations = self.activations_checkpointing if self.checkpointing else self.activations_no_checkpointing
+        parts = [("weights", self.weights, at["weights"]), ("gradients", self.gradients, at["gradients"]),
+                 ("optimizer_states", self.optimizer_states, at["optimizer_states"]),
+                 ("activations", activations, at["activations"]), ("temporaries", None, at["temporaries"]),
+                 ("peak", self.peak, self.peak), ("usable", self.usable_bytes, None)]
+        return Grid([Column("part", "part", [p[0] for p in parts]),
+                     Column("bytes", "bytes", [p[1] for p in parts], "metric"),
+                     Column("at_peak_bytes", "at peak", [p[2] for p in parts], "metric")])
 
     def render(self) -> str:
         """A plain-text table for the terminal: each part's size and what of it is alive at the peak."""

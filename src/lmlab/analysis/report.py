@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.analysis.compare import compare, metric_history, read_json_artifact
+from lmlab.analysis.compare import Comparison, compare, metric_history, read_json_artifact
+from lmlab.console import Grid
 from lmlab.errors import LmlabError
 from lmlab.training.alerts import DEFAULTS, find_overfitting, find_spikes
 from lmlab.workspace.runs import RunRow
@@ -97,7 +98,7 @@ def _at(points: Points, step: int) -> float:
 def _figure(title: str, xlabel: str, ylabel: str):
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    fig = Figure(figsize=(9, 4.2), dpi=100, layout="constrained")
+    fig = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -119,13 +120,23 @@ def _colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
-def plot_loss(runs: list[RunCurves], x: str = "step") -> str | None:
-    """Train (solid) and val (dashed, dots) loss of every run; spikes ×, overfitting shaded. x: step | tokens."""
+def tokens_span(runs: list[RunCurves]) -> float:
+    """Largest ÷ smallest tokens processed by the runs (1 when fewer than two runs logged any)."""
+    ends = [r.tokens[-1][1] for r in runs if r.tokens and r.tokens[-1][1] > 0]
+    return max(ends) / min(ends) if len(ends) > 1 else 1.0
+
+
+def loss_figure(runs: list[RunCurves], x: str = "step"):
+    """Train (solid) and val (dashed, dots) loss of every run; spikes ×, overfitting shaded; the legend beside the
+    plot, never over the curves. x: step | tokens (a log axis when the runs' token counts differ by more than 10×,
+    so a short fine-tuning run is not squashed at x ≈ 0 beside a long pre-training run). None when nothing logged."""
     if not any(r.train or r.val for r in runs):
         return None
     by_tokens = x == "tokens"
-    fig, ax = _figure("Loss vs tokens seen" if by_tokens else "Loss vs step",
-                      "tokens seen" if by_tokens else "optimizer step", "loss (nats/token)")
+    log_x = by_tokens and tokens_span(runs) > 10
+    fig, ax = _figure("Loss vs tokens processed" if by_tokens else "Loss vs step",
+                      ("tokens processed (padding excluded)" + (", log scale" if log_x else "")) if by_tokens
+                      else "optimizer step", "loss (nats/token)")
     for r, color in zip(runs, _colors(len(runs)), strict=True):
         if by_tokens and not r.tokens:
             continue
@@ -143,8 +154,22 @@ def plot_loss(runs: list[RunCurves], x: str = "step") -> str | None:
             ax.axvspan(lo, hi, color=color, alpha=0.12, lw=0)
     if any(r.overfit_spans for r in runs):
         ax.plot([], [], color="grey", alpha=0.4, lw=8, label="overfitting")
-    ax.legend(fontsize=7, loc="upper right")
-    return _png(fig)
+    if log_x:
+        ax.set_xscale("log")
+    _legend_outside(fig, ax)
+    return fig
+
+
+def plot_loss(runs: list[RunCurves], x: str = "step") -> str | None:
+    fig = loss_figure(runs, x)
+    return _png(fig) if fig is not None else None
+
+
+def _legend_outside(fig, ax) -> None:
+    """The legend to the right of the axes (constrained layout makes room), so it covers no curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7)
 
 
 def _x_values(run: RunCurves, by_tokens: bool, points: Points):
@@ -159,7 +184,7 @@ def plot_lr(runs: list[RunCurves]) -> str | None:
     for r, color in zip(runs, _colors(len(runs)), strict=True):
         if r.lr:
             ax.plot([s for s, _ in r.lr], [v for _, v in r.lr], color=color, lw=1.4, label=r.label)
-    ax.legend(fontsize=7)
+    _legend_outside(fig, ax)
     return _png(fig)
 
 
@@ -179,7 +204,7 @@ def plot_gap(runs: list[RunCurves]) -> str | None:
             ax.axvspan(a, b, color=color, alpha=0.15, lw=0)
             ax.annotate("overfitting", xy=(b, gap[steps.index(b)] if b in steps else 0), fontsize=8, color=color,
                         xytext=(4, 6), textcoords="offset points")
-    ax.legend(fontsize=7)
+    _legend_outside(fig, ax)
     return _png(fig)
 
 
@@ -190,11 +215,15 @@ h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #dd
 table{border-collapse:collapse;font-size:13px;margin:8px 0} th,td{border:1px solid #ccc;padding:4px 8px;
 vertical-align:top} th{background:#f3f3f3;text-align:left} td.metric{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:12px 0} figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:12px;color:#555}
-pre{white-space:pre-wrap;margin:0;font-size:12px} .muted{color:#777}
+pre{white-space:pre-wrap;margin:0;font-size:12px} .muted{color:#777} .wide{overflow-x:auto;max-width:100%}
+details summary{cursor:pointer;font-size:13px;color:#444}
 """
 # proves in a browser that every embedded plot decoded: the test reads this attribute from the rendered DOM
+# and whether the runs table fits the page's width (no sideways scrolling)
 _SCRIPT = ("window.addEventListener('load',function(){var n=0;for(var i of document.images)"
-           "{if(i.complete&&i.naturalWidth>0)n++;}document.body.setAttribute('data-plots-loaded',n);});")
+           "{if(i.complete&&i.naturalWidth>0)n++;}document.body.setAttribute('data-plots-loaded',n);"
+           "var t=document.querySelector('table.compare');if(t){document.body.setAttribute('data-table-fits',"
+           "t.getBoundingClientRect().right<=document.documentElement.clientWidth);}});")
 
 
 def _img(b64: str | None, alt: str, caption: str) -> str:
@@ -259,12 +288,45 @@ def _generations(runs: list[RunCurves]) -> str:
     return "<h2>Generations</h2>" + _table(header, rows)
 
 
+# the runs table at the top: who, what differs (at most SUMMARY_PARAMS hyperparameters), these results
+SUMMARY_PARAMS = 6
+KEY_COLUMNS = ("run_id", "name", "best/val/loss", "val/loss_per_char", "val/accuracy", "duration_s",
+               "train/mean_tokens_per_s", "train/mean_loss_tokens_per_s")
+
+
+def summary_grid(table: Comparison) -> Grid:
+    """The columns that differ between the runs (info and hyperparameters, the first SUMMARY_PARAMS of those)
+    plus the key ones (run, name, best val loss, nats/char, accuracy, duration, throughput), in table order."""
+    cols, params = [], 0
+    for c in table.columns:
+        differs = len({str(v) for v in c.values}) > 1
+        if c.key in KEY_COLUMNS or (c.kind == "info" and differs):
+            cols.append(c)
+        elif c.kind == "param" and differs and params < SUMMARY_PARAMS:
+            cols.append(c)
+            params += 1
+    return Grid(cols, caption=table.caption)
+
+
+def runs_tables_html(table: Comparison) -> str:
+    """The summary table, then the whole compare table folded (it can be dozens of columns wide)."""
+    summary = summary_grid(table)
+    n_params = sum(c.kind == "param" for c in table.columns)
+    shown = sum(c.kind == "param" for c in summary.columns)
+    more = f"; {n_params - shown} more differing hyperparameters in the full table" if n_params > shown else ""
+    return (f'<div class="wide">{summary.html("compare")}</div>'
+            f'<p class="muted">{escape(table.caption)}{escape(more)}</p>'
+            f"<details><summary>Full table: all {len(table.columns)} columns</summary>"
+            f'<div class="wide">{table.html("compare-full")}</div></details>')
+
+
 def build_report(rows: list[RunRow], uri: str, *, title: str | None = None) -> str:
     """The report's HTML for runs in the ledger at `uri`."""
 
     if not rows:
         raise LmlabError("report: no runs selected; give run ids or --name")
-    return render_report([load_curves(r, uri) for r in rows], compare(rows, uri=uri).html(), source=uri, title=title)
+    return render_report([load_curves(r, uri) for r in rows], runs_tables_html(compare(rows, uri=uri)), source=uri,
+                         title=title)
 
 
 def render_report(runs: list[RunCurves], table_html: str, *, source: str = "", title: str | None = None) -> str:
@@ -280,8 +342,9 @@ def render_report(runs: list[RunCurves], table_html: str, *, source: str = "", t
         "<h2>Loss</h2>",
         _img(plot_loss(runs, "step"), "loss vs step", "Train (solid) and validation (dashed) loss per optimizer "
              "step; × = loss spike, shaded = overfitting (val loss rising while train loss falls)."),
-        _img(plot_loss(runs, "tokens"), "loss vs tokens", "The same curves against tokens seen: runs with "
-             "different batch sizes line up by data consumed."),
+        _img(plot_loss(runs, "tokens"), "loss vs tokens", "The same curves against tokens processed (every "
+             "token the model read, padding excluded; prompt tokens of SFT included): runs with different batch "
+             "sizes line up by data consumed. A log axis when the runs' totals differ by more than 10×."),
         "<h2>Learning rate</h2>", _img(plot_lr(runs), "learning rate", "Learning rate after each optimizer step."),
         "<h2>Train–val gap</h2>",
         _img(plot_gap(runs), "train-val gap", "Validation minus training loss at each evaluation; shaded spans "

@@ -1,12 +1,18 @@
-"""The table `lmlab runs` prints: one row per run."""
+"""The listing `lmlab runs` prints: one row per run, in every output format (lmlab.console.Grid)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rich.table import Table
-
+from lmlab.console import Column, Grid
 from lmlab.workspace.runs import RunRow
+
+STATUS_STYLE = {"FINISHED": "green", "FAILED": "red", "RUNNING": "yellow", "PAUSED": "yellow"}
+# what the loss columns measure, under the terminal table and in `lmlab runs --help` / `lmlab compare --help`
+LOSS_HELP = ("val loss: mean negative log-likelihood per validation token (nats/token; the figure to compare with "
+             "other tools). val nats/char: lmlab's per-character loss, summed NLL over every validation token ÷ "
+             "characters of the validation text, each document separator counted as one; it is not the Mainrun "
+             "challenge's evaluate() (a fixed subset of windows, separators counted as several characters).")
 
 
 def model_summary(p: dict[str, Any]) -> str:
@@ -15,22 +21,37 @@ def model_summary(p: dict[str, Any]) -> str:
     return f"{p.get('model.arch')} {p.get('model.n_layer')}L×{p.get('model.d_model')}"
 
 
-def runs_table(rows: list[RunRow]) -> Table:
-    table = Table(show_lines=False)
-    for col in ("run", "name", "status", "task", "model", "optim", "lr", "batch", "steps", "best val loss",
-                "val nats/char", "duration"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        p, m = r.params, r.metrics
-        best = m.get("final/best/val/loss", m.get("final/val/loss"))
-        per_char = m.get("final/val/loss_per_char")
-        batch = p.get("derived.items_per_step") or p.get("train.batch_size", "")
-        color = {"FINISHED": "green", "FAILED": "red", "RUNNING": "yellow", "PAUSED": "yellow"}.get(r.status, "")
-        table.add_row(
-            r.run_id[:8], r.name, f"[{color}]{r.status}[/]" if color else r.status, p.get("run.task", ""),
-            model_summary(p), p.get("train.optimizer", ""), p.get("train.lr", ""), str(batch),
-            p.get("derived.total_steps", ""), f"{best:.4f}" if best is not None else "",
-            f"{per_char:.4f}" if per_char is not None else "",
-            f"{r.duration_s:.0f}s" if r.duration_s is not None else "",
-        )
-    return table
+def _float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def runs_grid(rows: list[RunRow]) -> Grid:
+    """run, name, status, task, model, optimizer, lr, batch, steps, best val loss, val nats/char, duration."""
+    ps, ms = [r.params for r in rows], [r.metrics for r in rows]
+
+    def col(key, header, values, kind="info", fmt=str, style=None):
+        return Column(key, header, values, kind, fmt, style)
+
+    return Grid([
+        col("run_id", "run", [r.run_id for r in rows], fmt=lambda v: v[:8]),
+        col("name", "name", [r.name for r in rows]),
+        col("status", "status", [r.status for r in rows], style=lambda v: STATUS_STYLE.get(v, "")),
+        col("run.task", "task", [p.get("run.task") for p in ps]),
+        col("model", "model", [model_summary(p) if p else None for p in ps]),
+        col("train.optimizer", "optim", [p.get("train.optimizer") for p in ps]),
+        col("train.lr", "lr", [p.get("train.lr") for p in ps]),
+        col("batch", "batch", [_int(p.get("derived.items_per_step") or p.get("train.batch_size")) for p in ps]),
+        col("derived.total_steps", "steps", [_int(p.get("derived.total_steps")) for p in ps]),
+        col("best/val/loss", "best val loss", [m.get("final/best/val/loss", m.get("final/val/loss")) for m in ms],
+            "metric", lambda v: f"{v:.4f}"),
+        col("val/loss_per_char", "val nats/char", [m.get("final/val/loss_per_char") for m in ms], "metric",
+            lambda v: f"{v:.4f}"),
+        col("duration_s", "duration", [_float(r.duration_s) for r in rows], "metric", lambda v: f"{v:.0f}s"),
+    ], caption=LOSS_HELP)

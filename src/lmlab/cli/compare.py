@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lmlab.cli.app import app
-from lmlab.cli.options import Name, OutputDir, Uri
+from lmlab.cli.options import FormatOpt, Name, OutputDir, Uri
 from lmlab.console import console
 from lmlab.errors import LmlabError
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
@@ -20,14 +20,21 @@ def compare_cmd(
     name: Name = None,
     param: Annotated[list[str] | None, typer.Option(
         "--param", "-p", help="Also show this recorded param even where runs agree, e.g. -p train.lr")] = None,
+    fmt: FormatOpt = "table",  # type: ignore[assignment]
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table")] = False,
-    csv: Annotated[bool, typer.Option("--csv", help="Print CSV (full keys, raw numbers)")] = False,
+    csv: Annotated[bool, typer.Option("--csv", help="Same as --format csv (full keys, raw numbers)")] = False,
     output_dir: OutputDir = DEFAULT_WORKSPACE,
     uri: Uri = None,
 ):
     """One row per run: the hyperparameters that differ across the runs, then val loss, perplexity,
-    accuracy, judge scores, duration, tokens/s and device."""
+    accuracy, judge scores, duration, throughput and device.
+
+    val loss: nats per validation token (the figure to compare across tools). val nats/char: lmlab's summed NLL over
+    every validation token ÷ characters (one per document separator), not the Mainrun challenge's evaluate().
+    tok/s: all tokens processed (padding excluded) per second of training steps, mean over the run; loss tok/s:
+    tokens that carry loss; wall tok/s: all tokens ÷ wall-clock time including evaluation and checkpoints."""
     from lmlab.analysis.compare import compare, resolve_uri, select_runs
+    from lmlab.console import emit
 
     if markdown and csv:
         raise LmlabError("compare: choose one of --markdown and --csv")
@@ -35,28 +42,27 @@ def compare_cmd(
         raise LmlabError("compare: give run ids or --name GLOB (see `lmlab runs`)")
     uri = resolve_uri(uri, output_dir)
     table = compare(select_runs(runs, name=name, uri=uri), uri=uri, keep=param)
-    if markdown:
-        console.out(table.markdown(), end="")
-    elif csv:
-        console.out(table.csv(), end="")
-    else:
-        console.print(table.rich())
+    emit("markdown" if markdown else "csv" if csv else fmt, grid=table)
 
 
 @app.command("diff")
 def diff_cmd(
     a: Annotated[str, typer.Argument(help="First run id (a unique prefix is enough)")],
     b: Annotated[str, typer.Argument(help="Second run id")],
+    fmt: FormatOpt = "table",  # type: ignore[assignment]
     output_dir: OutputDir = DEFAULT_WORKSPACE,
     uri: Uri = None,
 ):
-    """Why two runs may differ, most likely causes first: config, data, code, environment, seed; then metrics."""
+    """Why two runs may differ, most likely causes first: config, data, code, environment, seed; then metrics.
+    csv / json: one row / object per difference (section, key, a, b, note)."""
     from lmlab.analysis.compare import resolve_uri, select_runs
     from lmlab.analysis.diff import diff_runs
+    from lmlab.console import emit
 
     uri = resolve_uri(uri, output_dir)
     run_a, run_b = select_runs([a, b], uri=uri)
-    console.out(diff_runs(run_a, run_b, uri).text(), end="")
+    found = diff_runs(run_a, run_b, uri)
+    emit(fmt, grid=found.grid(), text=found.text(), data=found.to_dict())
 
 
 @app.command("report")

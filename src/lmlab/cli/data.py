@@ -24,7 +24,9 @@ def inspect(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML file(s)")],
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the plots (default <run.output_dir>/inspect/<run.name>)")] = None,
-    html: Annotated[bool, typer.Option("--html", help="Also write one HTML page with every table and plot")] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write one HTML page with every table and plot "
+                                              "to this file (several recipes: PATH is a folder, one <run.name>.html "
+                                              "each)")] = None,
     top_n: Annotated[int, typer.Option(help="Rows of the token frequency table")] = 30,
 ):
     """Counts and fingerprints per split, token lengths per field, truncation, unknown tokens, frequent tokens
@@ -40,7 +42,9 @@ def inspect(
                 folder = Path(recipe.run.output_dir) / "inspect" / recipe.run.name
             else:
                 folder = out if len(recipes) == 1 else out / recipe.run.name
-            ins = inspect_data(recipe, top_n=top_n, out_dir=folder, html_page=html)
+            page = None if html is None else html / f"{recipe.run.name}.html" if len(recipes) > 1 or html.is_dir() \
+                else html
+            ins = inspect_data(recipe, top_n=top_n, out_dir=folder, html_path=page)
         except Unavailable as e:
             if len(recipes) == 1:
                 raise

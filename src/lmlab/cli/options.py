@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated
 
 import typer
 
+from lmlab.console import FORMATS
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a recipe field: --set train.lr=3e-4")]
@@ -17,5 +19,10 @@ RunRef = Annotated[str, typer.Argument(help="Run id (or unique prefix) or a chec
 OutputDirOpt = Annotated[str, typer.Option("--output-dir", help="Workspace whose ledger resolves run ids")]
 BaseOpt = Annotated[str | None, typer.Option("--base", help="Adapter runs: load the base model from here "
                                                 "instead of the recipe's model.pretrained")]
+# one output layer (lmlab.console.emit) behind every listing command: runs, compare, diff, plan
+OutputFormat = enum.Enum("OutputFormat", {f: f for f in FORMATS}, type=str)  # typer shows an Enum as a choice
+FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="table (a rich table on a "
+                                        "terminal, plain columns in a pipe), csv (full keys, raw values) or json "
+                                        "(one object per run: ids, status, params, metrics, paths)")]
 
-__all__ = ["DEFAULT_WORKSPACE", "BaseOpt", "Name", "OutputDir", "OutputDirOpt", "RunRef", "SetOpt", "Uri"]
+__all__ = ["FormatOpt", "OutputFormat", "DEFAULT_WORKSPACE", "BaseOpt", "Name", "OutputDir", "OutputDirOpt", "RunRef", "SetOpt", "Uri"]

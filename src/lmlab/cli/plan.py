@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from lmlab.cli.app import app
-from lmlab.cli.options import SetOpt
-from lmlab.console import console
+from lmlab.cli.options import FormatOpt, SetOpt
+from lmlab.console import emit
 
 
 @app.command("plan")
@@ -22,7 +21,8 @@ def plan_cmd(
     world_size: Annotated[int | None, typer.Option(min=1, help="GPUs; default distributed.nproc × num_nodes, else 1")] = None,
     zero: Annotated[int, typer.Option(min=0, max=3, help="ZeRO stage; 0 = from distributed.strategy")] = 0,
     micro_batch: Annotated[int | None, typer.Option(min=1, help="Plan this micro-batch instead of train.batch_size")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON")] = False,
+    fmt: FormatOpt = "table",  # type: ignore[assignment]
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json")] = False,
 ):
     """Peak memory per device (weights, gradients, optimizer states, activations), whether it fits, the
     largest micro-batch that does, and the cheapest changes when it does not."""
@@ -30,5 +30,4 @@ def plan_cmd(
     from lmlab.recipe.loading import load_recipe
 
     plan = plan_recipe(load_recipe(recipe, set_), device, world_size=world_size, zero_stage=zero, micro_batch=micro_batch)
-    console.print(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render(),
-                  soft_wrap=True, markup=False, highlight=False)
+    emit("json" if as_json else fmt, grid=plan.grid(), text=plan.render(), data=plan.to_dict())

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lmlab.cli.app import app
-from lmlab.cli.options import SetOpt
+from lmlab.cli.options import FormatOpt, SetOpt
 from lmlab.console import console
 from lmlab.errors import LmlabError
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
@@ -78,9 +78,14 @@ def runs(
     name: Annotated[str | None, typer.Option(help="Only runs whose name matches this glob, e.g. 'alpaca-*'")] = None,
     limit: Annotated[int, typer.Option(help="Newest N runs")] = 50,
     lineage: Annotated[str | None, typer.Option("--lineage", help="Show this run's chain instead: its ancestors and descendants linked by model.init_from")] = None,
+    fmt: FormatOpt = "table",  # type: ignore[assignment]
 ):
-    """List runs: name, status, key hyperparameters, best validation loss, duration."""
-    from lmlab.analysis.runs_table import runs_table
+    """List runs: name, status, key hyperparameters, best validation loss, duration.
+
+    val loss is nats per validation token (compare this one across tools); val nats/char is lmlab's summed NLL over
+    every validation token ÷ characters (one per document separator), not the Mainrun challenge's evaluate()."""
+    from lmlab.analysis.runs_table import runs_grid
+    from lmlab.console import emit
     from lmlab.workspace.runs import list_runs
 
     if lineage is not None:
@@ -91,7 +96,7 @@ def runs(
         return
 
     rows = list_runs(uri=uri, output_dir=output_dir, name=name, limit=limit)
-    if not rows:
-        console.print("no runs yet")
+    if not rows and fmt.value == "table":
+        console.print("no runs yet", markup=False)
         return
-    console.print(runs_table(rows))
+    emit(fmt, grid=runs_grid(rows), data=[r.record() for r in rows])

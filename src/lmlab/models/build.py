@@ -66,6 +66,39 @@ def load_pretrained_lm(name_or_path: str, gguf_file: str | None = None, *, four_
     return model
 
 
+# The loaded model's own shape, under the recipe's model.* keys (first config attribute that is set wins)
+_CONFIG_KEYS = {
+    "model.n_layer": ("num_hidden_layers", "n_layer"),
+    "model.n_head": ("num_attention_heads", "n_head"),
+    "model.n_kv_head": ("num_key_value_heads",),
+    "model.d_model": ("hidden_size", "n_embd", "d_model"),
+    "model.d_ff": ("intermediate_size", "n_inner"),
+    "model.context_length": ("max_position_embeddings", "n_positions"),
+    "model.tie_embeddings": ("tie_word_embeddings",),
+    "model.rope_theta": ("rope_theta",),
+    "model.vocab_size": ("vocab_size",),
+}
+
+
+def loaded_model_params(model: torch.nn.Module) -> dict[str, object] | None:
+    """What a pretrained (or init_from) model is, for the ledger: arch = its config's model_type, then layers,
+    heads, width, MLP width, context, vocabulary from its config. Keys its config does not have are left out
+    (never the schema's from-scratch defaults). None for a model without a transformers config."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    out: dict[str, object] = {"model.arch": config.model_type}
+    for key, names in _CONFIG_KEYS.items():
+        value = next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+        if key == "model.rope_theta" and value is None:  # transformers 5 keeps it in rope_parameters
+            value = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(total, trainable) parameters, tied weights counted once."""
     seen: set[int] = set()

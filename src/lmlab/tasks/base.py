@@ -42,5 +42,9 @@ class Task(Protocol):
         ...
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        """Loss-bearing tokens in the batch (for effective tokens/s)."""
+        """Tokens the model processed in the batch, padding excluded (train/tokens_per_s, train/tokens_seen)."""
+        ...
+
+    def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens that carry loss (train/loss_tokens_per_s): fewer than `tokens` where prompts are masked (SFT)."""
         ...

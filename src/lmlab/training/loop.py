@@ -28,7 +28,7 @@ from lmlab.console import Reporter
 from lmlab.environment import environment, git_state
 from lmlab.errors import LmlabError, TrainingFailed
 from lmlab.models import checkpoint as ckpt
-from lmlab.models.build import count_parameters
+from lmlab.models.build import count_parameters, loaded_model_params
 from lmlab.models.loading import base_fingerprint
 from lmlab.recipe.loading import load_recipe
 from lmlab.recipe.schema import DEFAULT_WORKSPACE, Recipe
@@ -102,8 +102,14 @@ class LoopState:
     last_path: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # the latest eval
     history: list[dict[str, float]] = field(default_factory=list)
-    tokens_seen: int = 0
-    train_time: float = 0.0  # seconds spent in training steps (evaluation and saving excluded)
+    tokens_seen: int = 0  # tokens the model processed since the run started, padding excluded (kept on resume)
+    loss_tokens_seen: int = 0  # of those, the ones that carry loss
+    # this call's throughput: tokens processed, seconds in training steps (evaluation and saving excluded) and
+    # seconds of the whole loop (evaluation and saving included)
+    call_tokens: int = 0
+    call_loss_tokens: int = 0
+    train_time: float = 0.0
+    wall_time: float = 0.0
 
 
 def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps: int | None = None,
@@ -181,7 +187,8 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
                 "best_value": state.best_value, "best_checkpoint": str(state.best_path) if state.best_path else None,
                 "fingerprints": prep.fingerprints, "lmlab_version": __version__, "task": recipe.run.task,
                 "recipe_source": recipe.source_path, "items_per_step": sizes.per_step, "world_size": world,
-                "strategy": recipe.distributed.strategy}
+                "strategy": recipe.distributed.strategy, "tokens_seen": state.tokens_seen,
+                "loss_tokens_seen": state.loss_tokens_seen}
         if base_fp is not None:
             meta["base_fingerprint"] = base_fp
         path = ckpt.save_checkpoint(run_dir, step, model=saved_model, tokenizer=tokenizer,
@@ -206,7 +213,8 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     backward_kwargs = distributed.backward_kwargs(accelerator)  # DeepSpeed: the loss is normalised already
     status, reason = "FINISHED", None
     start_step, order_epoch, order = state.step, -1, None
-    window = {"loss": 0.0, "items": 0, "tokens": 0, "steps": 0, "t0": time.perf_counter()}
+    window = {"loss": 0.0, "items": 0, "tokens": 0, "loss_tokens": 0, "steps": 0, "t0": time.perf_counter()}
+    loop_t0 = window["t0"]
     out.progress(sizes.total_steps, state.step)
     try:
         while state.step < sizes.total_steps:
@@ -225,7 +233,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
             items = torch.tensor(float(sum(task.count(b) for b in micro)), device=accelerator.device)
             items = accelerator.reduce(items, reduction="sum") if world > 1 else items
             scale = world / max(float(items), 1.0)  # × world: DDP averages gradients over processes
-            loss_sum, tokens = torch.zeros((), device=accelerator.device), 0
+            loss_sum, tokens, loss_tokens = torch.zeros((), device=accelerator.device), 0, 0
             for a, batch in enumerate(micro):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 last = a == t.grad_accum - 1  # DeepSpeed steps inside this backward; others after the loop
@@ -235,6 +243,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
                     accelerator.backward(nll * scale, **backward_kwargs)
                 loss_sum += nll.detach()
                 tokens += task.tokens(batch)
+                loss_tokens += task.loss_tokens(batch)
             loss_sum = accelerator.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum
             step_loss = float(loss_sum) / max(float(items), 1.0)
             if not math.isfinite(step_loss):
@@ -247,9 +256,13 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
             optimizer.zero_grad(set_to_none=True)
             state.step = step = step + 1
             state.tokens_seen += tokens * world
+            state.loss_tokens_seen += loss_tokens * world
+            state.call_tokens += tokens * world
+            state.call_loss_tokens += loss_tokens * world
             window["loss"] += step_loss
             window["steps"] += 1
             window["tokens"] += tokens * world
+            window["loss_tokens"] += loss_tokens * world
             out.advance(step, step_loss, scheduler.get_last_lr()[0])
             report_alerts(alerts.on_train(step, step_loss), step)
 
@@ -258,12 +271,14 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
                 state.train_time += dt
                 row = {"train/loss": window["loss"] / window["steps"], "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm), "train/tokens_per_s": window["tokens"] / dt,
-                       "train/epoch": step / sizes.steps_per_epoch, "train/tokens_seen": state.tokens_seen}
+                       "train/loss_tokens_per_s": window["loss_tokens"] / dt,
+                       "train/epoch": step / sizes.steps_per_epoch, "train/tokens_seen": state.tokens_seen,
+                       "train/loss_tokens_seen": state.loss_tokens_seen}
                 row.update(getattr(task, "train_metrics", dict)())  # a task's own (dpo: rewards, margin, accuracy)
                 ledger.log_metrics(row, step)
                 state.history.append({"step": step, **row})
-                out.throughput(row["train/tokens_per_s"])
-                window.update(loss=0.0, steps=0, tokens=0, t0=time.perf_counter())
+                out.throughput(row["train/tokens_per_s"], row["train/loss_tokens_per_s"])
+                window.update(loss=0.0, steps=0, tokens=0, loss_tokens=0, t0=time.perf_counter())
 
             at_eval = step % sizes.eval_every == 0 or step == sizes.total_steps
             if at_eval or step % sizes.save_every == 0:
@@ -291,6 +306,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     except KeyboardInterrupt:
         status, reason = "PAUSED", f"interrupted at step {state.step}"
         optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; resume redoes it
+    state.wall_time = time.perf_counter() - loop_t0
     out.stop()
 
     # ---- finish: a paused run saves where it stopped; every run ends in the ledger
@@ -356,6 +372,7 @@ def restore_state(state: LoopState, checkpoint: Path, prep: Any, sizes: Sizes, a
     scheduler.load_state_dict(saved["scheduler"])
     ckpt.set_rng_state(saved["rng"])
     state.step, state.best_value = meta["step"], meta.get("best_value")
+    state.tokens_seen, state.loss_tokens_seen = meta.get("tokens_seen", 0), meta.get("loss_tokens_seen", 0)
     state.best_path = Path(meta["best_checkpoint"]) if meta.get("best_checkpoint") else None
 
 
@@ -363,7 +380,10 @@ def record_provenance(ledger: Any, recipe: Recipe, run_dir: Path, prep: Any, der
                       accelerator: Any) -> None:
     """Everything needed to explain the run later: the resolved recipe and derived sizes as params, data
     reports and fingerprints, the environment, the parent run, the git state."""
-    ledger.log_params({**recipe_params(recipe), **derived, **prep.data_info,
+    # a loaded model (pretrained, init_from) is recorded as it is, not as the schema's from-scratch defaults
+    loaded = recipe.model.pretrained is not None or recipe.model.init_from is not None
+    ledger.log_params({**recipe_params(recipe, loaded_model_params(prep.model) if loaded else None), **derived,
+                       **prep.data_info,
                        **{f"data.fingerprint.{k}": v for k, v in prep.fingerprints.items()}})
     env = environment(str(accelerator.device), recipe.train.precision)
     ledger.set_tags({TAG_RUN_DIR: str(run_dir.resolve()), TAG_TASK: recipe.run.task,
@@ -396,8 +416,11 @@ def finish_run(run: OpenedRun, recipe: Recipe, state: LoopState, status: str, re
         final = {**state.metrics, **test_metrics}
         if state.best_value is not None:
             final[f"best/{recipe.eval.best_metric}"] = state.best_value
-        if state.train_time > 0:
-            final["train/mean_tokens_per_s"] = state.tokens_seen / state.train_time
+        if state.train_time > 0:  # this call's means (a resumed run: since it resumed)
+            final["train/mean_tokens_per_s"] = state.call_tokens / state.train_time
+            final["train/mean_loss_tokens_per_s"] = state.call_loss_tokens / state.train_time
+        if state.wall_time > 0:
+            final["train/wall_tokens_per_s"] = state.call_tokens / state.wall_time
         result.metrics = final
         ledger.log_metrics({f"final/{k}": v for k, v in final.items()}, state.step)
         ledger.set_tags({TAG_BEST: str(result.best_checkpoint or ""), TAG_LAST: str(state.last_path or "")})

@@ -161,7 +161,7 @@ def _prepare_sft(recipe: Recipe, tokenizer_dir: Path | None) -> Prepared:
         info["data.train.packing_efficiency"] = round(packing_efficiency(train_set, recipe.data.max_length), 4)
     eval_bs = recipe.eval.batch_size or recipe.train.batch_size
     task = CausalLMTask(train_set, examples["val"], collate, eval_collate=padded, test_set=examples["test"],
-                        eval_batch_size=eval_bs, eval_max_batches=recipe.eval.max_batches)
+                        eval_batch_size=eval_bs, eval_max_batches=recipe.eval.max_batches, pad_id=pad)
     info.update({"tokenizer.hash": tokenizer_hash(tokenizer), "tokenizer.vocab_size": len(tokenizer)})
     return Prepared(task, tokenizer, model, data.fingerprints, info, artifacts,
                     checkpoint_files={"template.json": template.to_dict()}, notes=notes)

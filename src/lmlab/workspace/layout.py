@@ -42,20 +42,28 @@ def run_dir(output_dir: str | Path, run_id: str) -> Path:
     return (Path(output_dir) / RUNS / run_id).resolve()
 
 
-def ledger_uri(output_dir: str | Path | None = None, uri: str | None = None) -> str:
+def ledger_uri(output_dir: str | Path | None = None, uri: str | None = None, *, create: bool = True) -> str:
     """The ledger a command uses: `uri` if given (ledger.uri, --uri), else $LMLAB_TRACKING_URI, else the
-    workspace's sqlite file (the folder is created)."""
+    workspace's sqlite file (its folder is created unless `create` is False: commands that only read)."""
     if uri:
         return uri
     if os.environ.get(TRACKING_ENV):
         return os.environ[TRACKING_ENV]
-    return sqlite_uri(output_dir if output_dir is not None else DEFAULT_WORKSPACE)
+    return sqlite_uri(output_dir if output_dir is not None else DEFAULT_WORKSPACE, create=create)
 
 
-def sqlite_uri(output_dir: str | Path) -> str:
+def sqlite_uri(output_dir: str | Path, *, create: bool = True) -> str:
     root = Path(output_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / LEDGER_FILE}"
+
+
+def ledger_exists(uri: str) -> bool:
+    """False only for a local sqlite ledger whose file is not there (opening it would create it)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).is_file()
+    return True
 
 
 def workspace_of(checkpoint: Path) -> Path | None:

@@ -108,8 +108,28 @@ class NullLedger:
     def finish(self, status="FINISHED", reason=None): ...
 
 
-def recipe_params(recipe: Recipe) -> dict[str, Any]:
-    return flatten(recipe.resolved())
+# model.* fields that only shape a model built from scratch. A run on a loaded model (model.pretrained, or
+# model.init_from: another run's checkpoint) records the loaded model's own values under these keys instead of the
+# schema's from-scratch defaults, and nothing for those its config does not have.
+SCRATCH_SHAPE = ("model.arch", "model.n_layer", "model.n_head", "model.n_kv_head", "model.d_model", "model.d_ff",
+                 "model.context_length", "model.dropout", "model.tie_embeddings", "model.rope_theta")
+
+
+def recipe_params(recipe: Recipe, loaded_model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved recipe as flat params; `loaded_model` (models.build.loaded_model_params) replaces the
+    from-scratch shape fields for a run whose model was loaded rather than built."""
+    params = flatten(recipe.resolved())
+    if loaded_model is not None:
+        for key in SCRATCH_SHAPE:
+            params.pop(key, None)
+        params.update(loaded_model)
+    return params
+
+
+def uses_loaded_model(params: dict[str, Any]) -> bool:
+    """Whether a run's recorded params describe a pretrained / init_from model (its model.* are the model's)."""
+    return any(str(params.get(k)) not in ("None", "") for k in ("model.pretrained", "model.init_from")
+               if k in params)
 
 
 def tracking_uri(recipe: Recipe) -> str:

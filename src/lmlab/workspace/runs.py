@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
-from lmlab.workspace.layout import TAG_PAUSED, ledger_uri
+from lmlab.workspace.layout import TAG_BEST, TAG_LAST, TAG_PAUSED, TAG_RUN_DIR, ledger_exists, ledger_uri
 from lmlab.workspace.ledger import search_runs
 
 
@@ -21,10 +22,22 @@ class RunRow:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
 
+    def record(self) -> dict:
+        """The run as one JSON object (`lmlab runs --format json`): ids, status, times, params, metrics, paths."""
+        return {"run_id": self.run_id, "name": self.name, "status": self.status,
+                "start_time": datetime.fromtimestamp(self.start_time, timezone.utc).isoformat(timespec="seconds"),
+                "duration_s": self.duration_s,
+                "paths": {"run_dir": self.tags.get(TAG_RUN_DIR), "best_checkpoint": self.tags.get(TAG_BEST) or None,
+                          "last_checkpoint": self.tags.get(TAG_LAST) or None},
+                "params": dict(sorted(self.params.items())), "metrics": dict(sorted(self.metrics.items())),
+                "tags": dict(sorted(self.tags.items()))}
+
 
 def list_runs(*, uri: str | None = None, output_dir: str = DEFAULT_WORKSPACE, name: str | None = None,
               limit: int = 50) -> list[RunRow]:
-    uri = ledger_uri(output_dir, uri)
+    uri = ledger_uri(output_dir, uri, create=False)
+    if not ledger_exists(uri):  # reading never creates a workspace: a folder without one has no runs
+        return []
     rows = []
     for r in search_runs(uri):
         run_name = r.info.run_name or ""

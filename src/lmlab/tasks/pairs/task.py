@@ -64,6 +64,10 @@ class PairTask:
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
 
+    def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Every token feeds the one classification loss of its pair."""
+        return self.tokens(batch)
+
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, examples: Sequence[EncodedPair], device: torch.device | None = None,
                 autocast: Callable | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -107,13 +111,15 @@ class PairTask:
                autocast: Callable | None = None) -> dict[str, Any]:
         """Everything `evaluate` logs plus the confusion matrix as a table and the baselines' fitted values,
         as a JSON-able dict."""
+        in_split = len(examples)
         if self.eval_max_batches is not None:
             examples = examples[: self.eval_max_batches * self.eval_batch_size]
         probs, agree = self.predict(model, examples, device, autocast)
         labels = np.array([ex.label for ex in examples], dtype=np.int64)
         a_chars = np.array([ex.a_chars for ex in examples])
         b_chars = np.array([ex.b_chars for ex in examples])
-        metrics: dict[str, float] = {"pairs": float(len(examples))}
+        # coverage: pairs scored ÷ pairs in the split (below 1 when eval.max_batches caps the evaluation)
+        metrics: dict[str, float] = {"pairs": float(len(examples)), "coverage": len(examples) / max(in_split, 1)}
         if len(examples):
             metrics.update(classification_metrics(probs, labels))
             metrics["loss"] = metrics["log_loss"]
