@@ -13,7 +13,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from lmlab.analysis.compare import Column, Comparison, duration, metric_history, read_json_artifact
+from lmlab.analysis.compare import Comparison, duration, metric_history, read_json_artifact
+from lmlab.console import Column
 from lmlab.errors import LmlabError
 from lmlab.workspace.runs import RunRow
 from lmlab.workspace.sweeps import TAG_PARAMS, TAG_PRUNED, TAG_TRIAL, SweepRuns, sweep_runs
@@ -71,7 +72,10 @@ def sweep_table(name: str, uri: str) -> Comparison:
              Column("val/ppl", "val ppl", [math.exp(t.val_loss) if t.val_loss is not None and t.val_loss < 50
                                            else None for t in rows], "metric", lambda v: f"{v:.2f}"),
              Column("duration_s", "time", [t.run.duration_s for t in rows], "metric", duration)]
-    return Comparison(runs=[t.run for t in rows], columns=cols)
+    found_metric = f"best {found.metric}: its best value over the trial's evals ({'lowest' if found.minimize else 'highest'} first)"
+    return Comparison(runs=[t.run for t in rows], columns=cols,
+                      caption=f"{found_metric}; val ppl: exp of the best val loss; steps: the last eval's step; "
+                      "PRUNED: stopped by the pruner (reason in the run's lmlab.failure_reason).")
 
 
 # --------------------------------------------------------------------------------------------- the report

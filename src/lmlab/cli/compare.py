@@ -18,6 +18,8 @@ from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 def compare_cmd(
     runs: Annotated[list[str] | None, typer.Argument(help="Run ids (unique prefixes are enough)")] = None,
     name: Name = None,
+    sweep: Annotated[str | None, typer.Option("--sweep", help="Compare this sweep's trials: one row per trial (the "
+                                              "varied params, status, steps, best metric, ppl, time), best first")] = None,
     param: Annotated[list[str] | None, typer.Option(
         "--param", "-p", help="Also show this recorded param even where runs agree, e.g. -p train.lr")] = None,
     fmt: FormatOpt = "table",  # type: ignore[assignment]
@@ -38,6 +40,11 @@ def compare_cmd(
 
     if markdown and csv:
         raise LmlabError("compare: choose one of --markdown and --csv")
+    if sweep is not None:
+        from lmlab.cli.sweep import show_sweep
+
+        show_sweep(sweep, resolve_uri(uri, output_dir), "markdown" if markdown else "csv" if csv else fmt)
+        return
     if not runs and not name:
         raise LmlabError("compare: give run ids or --name GLOB (see `lmlab runs`)")
     uri = resolve_uri(uri, output_dir)
@@ -71,6 +78,8 @@ def report_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write")] = Path("report.html"),
     name: Name = None,
     title: Annotated[str | None, typer.Option(help="Page title")] = None,
+    sweep: Annotated[str | None, typer.Option("--sweep", help="Report on this sweep: its trials, param-vs-metric and "
+                                              "parallel-coordinates plots, Optuna's parameter importances")] = None,
     output_dir: OutputDir = DEFAULT_WORKSPACE,
     uri: Uri = None,
 ):
@@ -79,6 +88,12 @@ def report_cmd(
     from lmlab.analysis.compare import resolve_uri, select_runs
     from lmlab.analysis.report import write_report
 
+    if sweep is not None:
+        from lmlab.analysis.sweep import write_sweep_report
+
+        path = write_sweep_report(sweep, resolve_uri(uri, output_dir), output, title=title)
+        console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+        return
     if not runs and not name:
         raise LmlabError("report: give run ids or --name GLOB (see `lmlab runs`)")
     uri = resolve_uri(uri, output_dir)

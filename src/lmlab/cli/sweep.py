@@ -62,13 +62,9 @@ def sweep(
 
 
 def show_sweep(name: str, uri: str, fmt: str = "table") -> None:
-    """The sweep's table, one row per trial, best first (runs --sweep, compare --sweep)."""
+    """The sweep's table, one row per trial, best first (runs --sweep, compare --sweep), in the shared output
+    formats (table, csv, json, markdown)."""
     from lmlab.analysis.sweep import sweep_table
+    from lmlab.console import emit
 
-    table = sweep_table(name, uri)
-    if fmt == "markdown":
-        console.out(table.markdown(), end="")
-    elif fmt == "csv":
-        console.out(table.csv(), end="")
-    else:
-        console.print(table.rich())
+    emit(fmt, grid=sweep_table(name, uri))

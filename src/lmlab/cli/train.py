@@ -78,6 +78,7 @@ def runs(
     name: Annotated[str | None, typer.Option(help="Only runs whose name matches this glob, e.g. 'alpaca-*'")] = None,
     limit: Annotated[int, typer.Option(help="Newest N runs")] = 50,
     lineage: Annotated[str | None, typer.Option("--lineage", help="Show this run's chain instead: its ancestors and descendants linked by model.init_from")] = None,
+    sweep: Annotated[str | None, typer.Option("--sweep", help="Show this sweep's trials instead: one row per trial, best first")] = None,
     fmt: FormatOpt = "table",  # type: ignore[assignment]
 ):
     """List runs: name, status, key hyperparameters, best validation loss, duration.
@@ -88,6 +89,12 @@ def runs(
     from lmlab.console import emit
     from lmlab.workspace.runs import list_runs
 
+    if sweep is not None:
+        from lmlab.analysis.compare import resolve_uri
+        from lmlab.cli.sweep import show_sweep
+
+        show_sweep(sweep, resolve_uri(uri, output_dir), fmt)
+        return
     if lineage is not None:
         from lmlab.analysis.lineage import lineage as run_lineage
         from lmlab.analysis.lineage import lineage_table

@@ -22,6 +22,7 @@ import ast
 import difflib
 import itertools
 import operator
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -296,8 +297,6 @@ def check_space(sweep: SweepConfig, load: Any, base: dict[str, Any], root: type[
         if problem:
             problems.append(f"sweep.params.{key}: {problem}")
             bad.add(key)
-    if not sweep.params:
-        problems.append("sweep.params: nothing to search; add params (or --grid field=v1,v2)")
     if sweep.sampler == "grid":
         for key, spec in sweep.params.items():
             if spec.kind not in ("choice", "expr"):
@@ -346,7 +345,8 @@ def _rejected(load: Any, values: dict[str, Any], what: str) -> list[str]:
     try:
         load(values)
     except RecipeError as e:
-        return [f"{what} is rejected: {p}" for p in e.problems]
+        # the recipe's own line numbers would point at the value the sweep replaces: left out
+        return [f"{what} is rejected: {re.sub(r'^line [0-9]+: ', '', p)}" for p in e.problems]
     return []
 
 

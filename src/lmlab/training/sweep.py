@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import LmlabError, TrainingFailed
+from lmlab.errors import LmlabError, RecipeError, TrainingFailed
 from lmlab.recipe.loading import _normalize_overrides, flatten, load_recipe
 from lmlab.recipe.schema import Recipe
-from lmlab.recipe.sweep import SweepConfig, check_space, evaluate_expr, load_sweep_file, parse_grid
+from lmlab.recipe.sweep import ParamSpec, SweepConfig, check_space, evaluate_expr, load_sweep_file, parse_grid
 from lmlab.training.loop import resume_recipe, train
 from lmlab.workspace.layout import ARTIFACTS, TAG_FAILURE, list_checkpoints, run_dir
 from lmlab.workspace.ledger import MlflowLedger, client, search_runs, tracking_uri
@@ -118,25 +118,14 @@ def plan_sweep(recipe_path: str | Path, sets: list[str] | None = None, *, sweep_
                        ("sampler", sampler), ("pruner", pruner)):
         if value is not None:
             raw[key] = value
-    try:
-        config = SweepConfig.model_validate(raw)
-    except Exception as e:  # pydantic's errors, one line each
-        from pydantic import ValidationError
-
-        from lmlab.recipe.describe import describe_error
-        if not isinstance(e, ValidationError):
-            raise
-        problems = [describe_error(err, root=SweepConfig, prefix="sweep.") for err in e.errors()]
-        raise LmlabError("\n".join(f"{recipe_path}: {p}" for p in problems)) from None
+    config, problems = _read_sweep(raw)
     if not recipe.ledger.enabled:
-        raise LmlabError("sweep: ledger.enabled is false; a sweep records its trials in the ledger, enable it")
+        problems.append("ledger.enabled: is false; a sweep records its trials in the ledger, enable it")
     base_overrides = dict(_normalize_overrides(sets))
-    problems = check_space(config, lambda values: load_recipe(recipe_path, {**base_overrides, **values}),
-                           flatten(recipe.resolved()), Recipe)
+    problems += check_space(config, lambda values: load_recipe(recipe_path, {**base_overrides, **values}),
+                            flatten(recipe.resolved()), Recipe)
     if problems:
-        from lmlab.errors import RecipeError
-
-        raise RecipeError(problems, str(recipe_path))
+        raise RecipeError(list(dict.fromkeys(problems)), str(recipe_path))
     sweep_name = config.name or f"{recipe.run.name}-sweep"
     threads = recipe.train.num_threads or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None)
     return SweepPlan(
@@ -145,6 +134,32 @@ def plan_sweep(recipe_path: str | Path, sets: list[str] | None = None, *, sweep_
         ledger_uri=tracking_uri(recipe), experiment=recipe.ledger.experiment, n_trials=config.n_trials(),
         sampler=config.sampler_name(), seed=config.seed if config.seed is not None else recipe.run.seed,
         eval_every=recipe.eval.every_steps or 1, threads=threads, quiet=quiet, progress=progress)
+
+
+def _read_sweep(raw: dict[str, Any]) -> tuple[SweepConfig, list[str]]:
+    """The sweep section with each param validated on its own, so one bad param does not hide the others."""
+    from pydantic import ValidationError
+
+    from lmlab.recipe.describe import describe_error
+
+    problems: list[str] = []
+    raw_params = raw.get("params") or {}
+    if not raw_params:
+        problems.append("sweep.params: nothing to search; add params (or --grid field=v1,v2)")
+    try:
+        config = SweepConfig.model_validate({**raw, "params": {}})
+    except ValidationError as e:
+        problems += [describe_error(err, root=SweepConfig, prefix="sweep.") for err in e.errors()]
+        config = SweepConfig()
+    params = {}
+    for key, value in raw_params.items():
+        try:
+            params[key] = ParamSpec.model_validate(value)
+        except ValidationError as e:
+            problems += [f"sweep.params.{key}: " + describe_error(err, root=ParamSpec).partition(": ")[2]
+                         for err in e.errors()]
+    config.params = params
+    return config, problems
 
 
 def study_url(output_dir: str | Path) -> str:
