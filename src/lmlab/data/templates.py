@@ -334,6 +334,16 @@ def template_from_config(cfg: Any, tokenizer: Any | None = None) -> PromptTempla
     )
 
 
+def last_user_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    """A conversation as one prompt item for a template that is not chat: the last user message, after the system
+    message(s) and a blank line. `lmlab serve` prompts such runs this way; exported preference pairs use it too."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if not users:
+        raise LmlabError("messages: no user message; this model answers the last user message")
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    return f"{system}\n\n{users[-1]}" if system else users[-1]
+
+
 def split_prompt_template(text: str | None) -> tuple[str, str]:
     """'### Q: {input}\\n### A: {output}' -> ('### Q: {input}\\n### A: ', 'output'). Without a trailing
     placeholder the completion column is 'output'; without any template it is '{prompt}' + 'completion'."""

@@ -16,7 +16,9 @@ How a request becomes a prompt:
 - completions: the prompt text as is (after the tokenizer's BOS, when it adds one); no template.
 EOS and the template's end of turn always stop, as in `lmlab generate`; request `stop` strings add to the preset's.
 Sampling starts from the run's default preset (or --preset); a request's max_tokens / temperature / top_p / seed /
-stop override it. Without `seed` the preset's seed is used, so the same request gives the same text.
+stop override it, and so do top_k / repetition_penalty (as vLLM accepts them) and penalty_alpha (contrastive search,
+lmlab's). Without `seed` the preset's seed is used, so the same request gives the same text. The last choice carries
+lmlab's `finish_detail` beside OpenAI's finish_reason: eos, stop_string or length.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    # beyond OpenAI's fields, as vLLM accepts them (openai-python: extra_body); penalty_alpha is lmlab's
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    penalty_alpha: float | None = Field(None, ge=0, le=1)
     n: int | None = Field(None, ge=1)
     stop: list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch.manual_seed's range
@@ -154,7 +160,9 @@ def request_sampling(default: SamplingPreset, body: _Request, max_tokens_cap: in
     budget = asked if asked is not None else min(default.max_new_tokens, max_tokens_cap)
     changes: dict[str, Any] = {"max_new_tokens": budget}
     changes.update({k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p),
-                                      ("seed", body.seed)) if v is not None})
+                                      ("top_k", body.top_k), ("repetition_penalty", body.repetition_penalty),
+                                      ("penalty_alpha", body.penalty_alpha), ("seed", body.seed))
+                    if v is not None})
     if body.stop:
         changes["stop"] = [*default.stop, *(s for s in body.stop if s not in default.stop)]
     try:
@@ -273,21 +281,24 @@ class _Reply:
         prefix = "chatcmpl-" if self.kind == "chat" else "cmpl-"
         return {"id": prefix + self.id, "object": obj, "created": self.created, "model": self.model_id}
 
-    def _choice(self, text: str | None, finish: str | None, *, chunk: bool) -> dict[str, Any]:
+    def _choice(self, text: str | None, done: Completion | None, *, chunk: bool) -> dict[str, Any]:
+        """One choice; `done` (the last one) adds finish_reason and lmlab's finish_detail (eos / stop_string /
+        length), which OpenAI clients keep as an extra field."""
+        finish = {"finish_reason": done.finish_reason if done else None}
+        if done is not None:
+            finish["finish_detail"] = done.finish_detail
         if self.kind == "text":
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": None, **finish}
         if chunk:
-            return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
-                    "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
+            return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None, **finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, **finish}
 
     def whole(self, done: Completion) -> dict[str, Any]:
-        return {**self._envelope(False), "choices": [self._choice(done.text, done.finish_reason, chunk=False)],
+        return {**self._envelope(False), "choices": [self._choice(done.text, done, chunk=False)],
                 "usage": _usage(done)}
 
-    def chunk(self, text: str | None, finish: str | None = None) -> dict[str, Any]:
-        return {**self._envelope(True), "choices": [self._choice(text, finish, chunk=True)]}
+    def chunk(self, text: str | None, done: Completion | None = None) -> dict[str, Any]:
+        return {**self._envelope(True), "choices": [self._choice(text, done, chunk=True)]}
 
     def first_chunk(self) -> dict[str, Any] | None:
         """Chat streams open with the assistant role (and empty content), as OpenAI's do."""
@@ -340,7 +351,7 @@ def _event_stream(lock: threading.Lock, start: Callable[[], Iterator[str | Compl
             return
         finally:
             pieces.close()
-        yield _sse(reply.chunk(None, done.finish_reason))
+        yield _sse(reply.chunk(None, done))
         if options is not None and options.include_usage:
             yield _sse(reply.usage_chunk(done))
         yield "data: [DONE]\n\n"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from lmlab.data.sft import special_prefix
+from lmlab.data.templates import last_user_prompt
 from lmlab.errors import LmlabError
 from lmlab.generation.decoding import Generation, generate_encoded, stream_generate
 from lmlab.generation.prompts import prompt_ids
@@ -35,6 +36,9 @@ class Completion:
     finish_reason: Literal["stop", "length"]  # OpenAI's: "stop" = EOS, end of turn or a stop string
     prompt_tokens: int
     completion_tokens: int  # the EOS / stop tokens included
+    # which of the three ended it (lmlab's own detail, sent as `finish_detail`): EOS or an end-of-turn token,
+    # a stop string, or the max_new_tokens limit (a model that never stops: the pad = eos trap)
+    finish_detail: Literal["eos", "stop_string", "length"] = "eos"
 
 
 class Backend(Protocol):
@@ -144,17 +148,17 @@ def fit_to_context(n: int, context: int | None, sampling: SamplingPreset, param:
 
 
 def _completion(g: Generation, prompt_tokens: int) -> Completion:
-    return Completion(g.text, "length" if g.stop_reason == "length" else "stop", prompt_tokens, g.n_tokens)
+    detail = {"eos": "eos", "stop": "stop_string", "length": "length"}[g.stop_reason]
+    return Completion(g.text, "length" if g.stop_reason == "length" else "stop", prompt_tokens, g.n_tokens, detail)
 
 
 def chat_as_prompt(messages: Sequence[Mapping[str, str]]) -> str:
-    """For models without a chat template: the last user message, after the system message(s) and a blank line."""
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    if not users:
-        raise RequestError("messages: no user message; this model answers the last user message",
-                           param="messages")
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    return f"{system}\n\n{users[-1]}" if system else users[-1]
+    """For models without a chat template: the last user message, after the system message(s) and a blank line
+    (lmlab.data.templates.last_user_prompt); a conversation without a user message is refused."""
+    try:
+        return last_user_prompt(messages)
+    except LmlabError as e:
+        raise RequestError(str(e), param="messages") from None
 
 
 def context_length(model: Any) -> int | None:

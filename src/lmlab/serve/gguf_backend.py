@@ -189,18 +189,18 @@ class LlamaCppBackend:
                                    temp=sampling.temperature, repeat_penalty=sampling.repetition_penalty)
         stops = self.stop_strings(sampling)
         new: list[int] = []
-        sent, finish = "", "length"
+        sent, detail = "", "length"
         try:
             for token in tokens:
                 new.append(token)
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
+                    detail = "eos"
                     text = self._text(new[:-1], ids)
                     break
                 text = self._text(new, ids)
                 cut = first_stop(text, stops)
                 if cut is not None:
-                    text, finish = text[:cut], "stop"
+                    text, detail = text[:cut], "stop_string"
                     break
                 if len(new) >= sampling.max_new_tokens:
                     break
@@ -214,7 +214,7 @@ class LlamaCppBackend:
             text = ""
         if len(text) > len(sent):
             yield text[len(sent):]
-        yield Completion(text, finish, len(ids), len(new))
+        yield Completion(text, "length" if detail == "length" else "stop", len(ids), len(new), detail)
 
     def _text(self, new: list[int], prompt: list[int]) -> str:
         return self.llm.detokenize(new, prev_tokens=prompt).decode("utf-8", errors="replace")
