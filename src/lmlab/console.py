@@ -62,6 +62,16 @@ def human(n: float) -> str:
     return f"{n:.3g}T"
 
 
+def duration(seconds: float) -> str:
+    """45s, 12m34s, 3h05m."""
+    s = int(round(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 # ------------------------------------------------------------------------------------ the output layer
 @dataclass
 class Column:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 
 from lmlab.analysis.runs_table import LOSS_HELP, model_summary
-from lmlab.console import Column, Grid, human
+from lmlab.console import Column, Grid, duration, human
 from lmlab.errors import LmlabError
 from lmlab.recipe.schema import DEFAULT_WORKSPACE, Recipe
 from lmlab.workspace.layout import ledger_uri
@@ -206,15 +206,6 @@ def _param_fmt(key: str) -> Callable[[Any], str]:
 
         return lambda v: human(float(v)) if str(v).lstrip("-").isdigit() else str(v)
     return str
-
-
-def duration(seconds: float) -> str:
-    s = int(round(seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _first(m: dict[str, float], *keys: str) -> float | None:

@@ -18,7 +18,6 @@ from typing import Any
 from lmlab.analysis.compare import (
     DERIVED,
     THROUGHPUT,
-    duration,
     is_bookkeeping,
     is_recipe_key,
     param,
@@ -26,7 +25,7 @@ from lmlab.analysis.compare import (
     read_json_artifact,
     recipe_default,
 )
-from lmlab.console import Column, Grid
+from lmlab.console import Column, Grid, duration
 from lmlab.data.splits import example_hashes  # noqa: F401  (diff compares these per split)
 from lmlab.workspace.runs import RunRow
 
@@ -89,9 +88,13 @@ class RunDiff:
     def text(self) -> str:
         return "\n".join(self.lines()) + "\n"
 
+    def ordered(self) -> list[Difference]:
+        """The differences section by section, in the order the text lists them."""
+        return [d for name in SECTIONS for d in self.section(name)]
+
     def grid(self) -> Grid:
         """One row per difference (`lmlab diff --format csv`)."""
-        ds = self.differences
+        ds = self.ordered()
         return Grid([Column(name, name, [getattr(d, name) for d in ds]) for name in ("section", "key", "a", "b", "note")])
 
     def to_dict(self) -> dict:
@@ -101,7 +104,7 @@ class RunDiff:
             return {k: rec[k] for k in ("run_id", "name", "status", "start_time", "duration_s", "paths")}
 
         return {"a": who(self.a), "b": who(self.b), "inputs_differ": bool(self.input_differences),
-                "differences": [asdict(d) for d in self.differences]}
+                "differences": [asdict(d) for d in self.ordered()]}
 
 
 def _identity(label: str, r: RunRow) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmlab.console import Column, Grid
+from lmlab.console import Column, Grid, duration
 from lmlab.workspace.runs import RunRow
 
 STATUS_STYLE = {"FINISHED": "green", "FAILED": "red", "RUNNING": "yellow", "PAUSED": "yellow"}
@@ -53,5 +53,5 @@ def runs_grid(rows: list[RunRow]) -> Grid:
             "metric", lambda v: f"{v:.4f}"),
         col("val/loss_per_char", "val nats/char", [m.get("final/val/loss_per_char") for m in ms], "metric",
             lambda v: f"{v:.4f}"),
-        col("duration_s", "duration", [_float(r.duration_s) for r in rows], "metric", lambda v: f"{v:.0f}s"),
+        col("duration_s", "duration", [_float(r.duration_s) for r in rows], "metric", duration),
     ], caption=LOSS_HELP)
