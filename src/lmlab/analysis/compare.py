@@ -261,6 +261,8 @@ def compare(rows: list[RunRow], *, uri: str | None = None, keep: list[str] | Non
     judges = dict.fromkeys(k.removeprefix("final/") for m in ms for k in m if "judge" in k)
     for k in judges:
         metric(k, k.replace("/", " ").replace("_", " "), [_first(m, f"final/{k}", k) for m in ms])
+    for k in ("up", "down", "wins", "losses"):  # playground ratings (lmlab.workspace.feedback)
+        metric(f"feedback/{k}", f"feedback {k}", [m.get(f"feedback/{k}") for m in ms], lambda v: f"{v:.0f}")
     metric("duration_s", "duration", [r.duration_s for r in rows], duration)
     rate = lambda v: f"{v:,.0f}"  # noqa: E731
     # before lmlab logged both counts, final/train/mean_tokens_per_s counted loss-bearing tokens only

@@ -5,6 +5,7 @@ run's files are.
       mlflow.db                      the sqlite ledger (unless $LMLAB_TRACKING_URI / ledger.uri name a server)
       mlartifacts/                   the ledger's artifacts
       runs/<run id>/checkpoints/step-0000120/   checkpoint folders (lmlab.models.checkpoint writes them)
+      feedback.jsonl                 ratings given in `lmlab playground` (lmlab.workspace.feedback)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ RUNS = "runs"
 LEDGER_FILE = "mlflow.db"
 ARTIFACTS = "mlartifacts"
 TRACKING_ENV = "LMLAB_TRACKING_URI"
+FEEDBACK_FILE = "feedback.jsonl"
 
 # ledger tags lmlab writes and reads back
 TAG_RUN_DIR = "lmlab.run_dir"
