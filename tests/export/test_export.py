@@ -15,6 +15,7 @@ from lmlab import load_recipe, train
 from lmlab.errors import LmlabError
 from lmlab.export.hf import MergeRejected, export_checkpoint
 from lmlab.models.loading import load_checkpoint
+from lmlab.workspace.manifest import write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,12 @@ def copy_checkpoint(result, dest):
 
 
 def corrupt(ckpt, fn):
+    """Replace the adapter's weights and re-sign the manifest: an adapter intact on disk but wrong, which only the
+    merge verification can catch (a file altered after saving is refused by the manifest check before that)."""
     path = ckpt / "adapter_model.safetensors"
     state = load_file(str(path))
     save_file({k: fn(k, v) for k, v in state.items()}, str(path))
+    write_manifest(ckpt)
 
 
 def test_merge_is_verified_and_loads_with_plain_transformers(lora_run, tmp_path):
@@ -124,6 +128,7 @@ def test_same_shape_wrong_base_is_caught_by_the_recorded_loss(lora_run, tmp_path
     meta = json.loads((ckpt / "meta.json").read_text())
     del meta["base_fingerprint"]
     (ckpt / "meta.json").write_text(json.dumps(meta))
+    (ckpt / "manifest.json").unlink()  # as checkpoints from before manifests
     with pytest.raises(MergeRejected, match="base model is not the one it was trained on"):
         export_checkpoint(ckpt, tmp_path / "out", merge=True, base=str(other))
     assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ from lmlab.generation.decoding import generate
 from lmlab.generation.prompts import prompt_ids
 from lmlab.models.loading import load_checkpoint
 from lmlab.recipe.generation import SamplingPreset
+from lmlab.workspace.manifest import write_manifest
 
 gguf = pytest.importorskip("gguf")
 
@@ -186,6 +187,7 @@ def test_unsupported_architecture_is_refused_and_no_file(full_run, tmp_path):
     config = GPTNeoXConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, max_position_embeddings=64)
     GPTNeoXForCausalLM(config).save_pretrained(ckpt)
+    write_manifest(ckpt)  # a consistent checkpoint of an architecture GGUF export does not know
     with pytest.raises(LmlabError, match=r"architecture 'gpt_neox' \(GPTNeoXForCausalLM\) cannot be written to GGUF"
                                          r".*supported: llama, gpt2"):
         export_gguf(ckpt, tmp_path / "out")

@@ -28,8 +28,9 @@ def test_run_trains_records_and_checkpoints(workspace):
     # per-char = summed token NLL / characters of the val split: check against the token count
     assert m["val/loss_per_char"] == pytest.approx(m["val/loss"] * m["val/tokens"] / result_chars(result), rel=1e-9)
     ck = result.last_checkpoint
-    assert {"model.safetensors", "config.json", "trainer_state.pt", "meta.json", "recipe.yaml",
-            "tokenizer.json"} <= {p.name for p in ck.iterdir()}
+    # the trainer state without pickle (tensors in safetensors, the rest JSON) and the manifest written last
+    assert {"model.safetensors", "config.json", "trainer_state.safetensors", "trainer_state.json", "meta.json",
+            "recipe.yaml", "tokenizer.json", "manifest.json"} <= {p.name for p in ck.iterdir()}
     meta = json.loads((ck / "meta.json").read_text())
     assert meta["step"] == 12 and set(meta["fingerprints"]) == {"train", "val", "test"}
     # keep_last=2 plus the best: never more than 3 folders, never a temp folder left behind

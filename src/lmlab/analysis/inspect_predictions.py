@@ -22,6 +22,7 @@ from lmlab.data.templates import PromptTemplate
 from lmlab.errors import LmlabError
 from lmlab.models.loading import load_checkpoint
 from lmlab.recipe import DEFAULT_WORKSPACE
+from lmlab.workspace.layout import safe_name
 
 MAX_PANELS = 16  # bar charts per PNG; longer texts show their last positions
 
@@ -122,7 +123,7 @@ def inspect_predictions(run: str, text: str, *, top_k: int = 10, position: int |
         positions = [position % len(ids)]
     preds = Predictions(checkpoint, text, ids, next_token_predictions(model, tokenizer, ids, top_k=top_k,
                                                                       positions=positions))
-    name = Path(run).name if Path(run).is_dir() else run[:8]
+    name = safe_name(Path(run).name if Path(run).is_dir() else run[:8])
     chart = chart or Path(output_dir) / "inspect" / f"predictions-{name}.png"
     preds.chart = predictions_chart(preds, chart)
     if len(preds.positions) > MAX_PANELS:

@@ -21,11 +21,17 @@ def main() -> None:
         app()
     except RecipeError as e:
         for line in str(e).splitlines():
-            err_console.print(f"[red]error:[/] {line}", soft_wrap=True)
+            _error(line)
         sys.exit(e.exit_code)
     except LmlabError as e:
-        err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        _error(str(e))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
 
+
+def _error(message: str) -> None:
+    """One error line; the message is printed as it is (a field like data.filters[0] is not rich markup)."""
+    from rich.text import Text
+
+    err_console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)

@@ -28,6 +28,8 @@ def run(
     node_rank: Annotated[int, typer.Option(min=0, help="This machine's rank among --nodes; 0 = main")] = 0,
     main_address: Annotated[str | None, typer.Option(help="Address of the main machine (several nodes)")] = None,
     main_port: Annotated[int | None, typer.Option(help="Rendezvous port on the main machine")] = None,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="Let the recipe's predicate filters run the "
+                                                                  "Python functions they name")] = False,
 ):
     """Train a recipe end to end (or resume a run), recording everything in the ledger."""
     import shlex
@@ -39,6 +41,8 @@ def run(
 
     if recipe is None and resume is None:
         raise LmlabError("lmlab run: give a recipe file, or --resume RUN_ID")
+    set_ = [*(set_ or []), *(["data.allow_code=true"] if allow_code else []),
+            *([f"run.output_dir={output_dir}"] if recipe is not None and output_dir is not None else [])]
     if recipe is None:  # the recipe the run started with; --set may change e.g. grad_accum for another world size
         r, resume_from = resume_recipe(resume, output_dir=output_dir, overrides=set_)
     else:

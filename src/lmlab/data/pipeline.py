@@ -107,7 +107,10 @@ def curated_splits(recipe: Recipe, records: list, tokenizer=None) -> tuple[dict[
         report = rep.to_dict()
         info["data.filtered.kept"] = len(records)
         if not records:
-            raise LmlabError("data.filters: dropped every example; loosen the filters (see the funnel above)")
+            funnel = " → ".join([str(rep.steps[0].input)] + [f"{st.name}: {st.kept}" for st in rep.steps])
+            last = next(st.name for st in reversed(rep.steps) if st.dropped)
+            raise LmlabError(f"data.filters: dropped every example ({funnel}); loosen {last}, which dropped the "
+                             "last ones")
     splits = split_records(records, recipe.data.split, recipe.run.seed)
     d = recipe.data
     if d.parts > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -33,26 +34,24 @@ def read_file(path: Path, fmt: str = "auto", *, one_document_per_line: bool = Fa
 
         return load_persona_chat(path)[0]
     if fmt == "text":
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         if one_document_per_line:
             return [{"text": line} for line in text.splitlines() if line.strip()]
         return [{"text": text}]
     if fmt == "csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return read_csv(path)
     if fmt == "jsonl":
         records = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise LmlabError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
+        for lineno, line in enumerate(read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise LmlabError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
         return records
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise LmlabError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the single list inside
@@ -61,6 +60,42 @@ def read_file(path: Path, fmt: str = "auto", *, one_document_per_line: bool = Fa
             raise LmlabError(f"{path}: expected a JSON list of objects (or one object holding one list)")
         data = lists[0]
     return data
+
+
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text; a byte that is not UTF-8 is one error naming its line and column."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise LmlabError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); re-save the "
+                         "file as UTF-8") from None
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV file with a header, as dicts; a row whose field count differs from the header's is one error
+    naming its line (a ragged file would otherwise shift or drop values silently)."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    except csv.Error as e:
+        raise LmlabError(f"{path}:1: not valid CSV ({e})") from None
+    rows = []
+    try:
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise LmlabError(f"{path}:{reader.line_num}: {len(row)} field(s), the header has {len(header)}; "
+                                 "fix the row (quote values that hold commas or line breaks)")
+            rows.append(dict(zip(header, row, strict=True)))
+    except csv.Error as e:
+        raise LmlabError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    return rows
 
 
 def _format_of(path: Path) -> str:

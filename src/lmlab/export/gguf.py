@@ -39,6 +39,7 @@ from lmlab.models.loading import LoadedCheckpoint, checkpoint_recipe, load_check
 from lmlab.models.merge import merged_model
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 from lmlab.recipe.generation import pick_preset
+from lmlab.workspace.layout import safe_name
 from lmlab.workspace.resolve import resolve
 
 
@@ -188,7 +189,7 @@ def gguf_target(out: str | os.PathLike, name: str, quant: str) -> Path:
         return out
     if out.exists() and not out.is_dir():
         raise LmlabError(f"--out: {out} is a file but not a .gguf one; give a .gguf path or a folder")
-    return out / f"{name}-{quant}.gguf"
+    return out / f"{safe_name(name)}-{quant}.gguf"
 
 
 def check_quant(quant: str) -> None:

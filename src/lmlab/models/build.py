@@ -124,7 +124,15 @@ def apply_adapter(model: PreTrainedModel, recipe: Recipe, task_type: str = "CAUS
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.model.gradient_checkpointing)
     config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
                         use_dora=a.dora, modules_to_save=a.train_modules or None, task_type=task_type)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model" (NoMatchingPeftModuleError)
+        if "not found in the base model" not in str(e) and type(e).__name__ != "NoMatchingPeftModuleError":
+            raise
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Conv1D", "Linear4bit")})
+        raise LmlabError(f"adapter.target_modules: {a.target_modules} match no module of the model; its linear "
+                         f"modules are {', '.join(linear)} (or use 'all-linear')") from None
 
 
 def check_qlora_device(recipe: Recipe) -> None:

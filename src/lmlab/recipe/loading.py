@@ -65,8 +65,19 @@ def _normalize_overrides(overrides: list[str] | dict | None) -> list[tuple[str, 
             out.append((item, _MISSING))
             continue
         key, value = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
+        out.append((key.strip(), _value(value)))
     return out
+
+
+def _value(text: str) -> Any:
+    """A --set value as YAML reads it (3e-4, true, [a, b]); text that is not valid YAML on its own (a prompt
+    template such as 'Q: {question} A: ') is taken as the string it is."""
+    if not text.strip():
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 _MISSING = object()

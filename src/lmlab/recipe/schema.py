@@ -100,6 +100,18 @@ class DataConfig(Section):
     parts: int = Field(1, gt=0, description="Split the training data into N deterministic parts")
     part: int = Field(0, ge=0, description="Which part (0-based) this run trains on")
 
+    allow_code: bool = Field(False, description="Let `predicate` filters import and run the Python function they "
+                             "name (a recipe from elsewhere could run anything); also `lmlab run --allow-code`")
+
+    @model_validator(mode="after")
+    def _code_needs_consent(self) -> DataConfig:
+        for i, spec in enumerate(self.filters):
+            if getattr(spec, "kind", None) == "predicate" and not self.allow_code:
+                raise ValueError(f"filters: [{i}] is a predicate filter: it imports and runs {spec.path} from the "
+                                 "recipe; lmlab runs recipe code only when allowed: set data.allow_code: true (or "
+                                 "pass --allow-code)")
+        return self
+
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if self.path is None and self.hf_dataset is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,13 @@ TAG_PARENT_CHECKPOINT = "lmlab.parent_checkpoint"
 
 def tracking_env_set() -> bool:  # noqa: N802 - reads like the constant it checks
     return bool(os.environ.get(TRACKING_ENV))
+
+
+def safe_name(name: str) -> str:
+    """A run or recipe name as one file-name component: path separators, '..' and control characters replaced, so
+    `run.name: ../../escape` cannot write outside the folder it is put in."""
+    cleaned = re.sub(r"[^\w.+-]+", "_", name).strip("._")
+    return cleaned[:120] or "run"
 
 
 def run_dir(output_dir: str | Path, run_id: str) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,73 @@ def _quiet_mlflow() -> None:
 
 
 def client(uri: str):
+    """An MLflow client for `uri`. A tracking server is asked first whether it answers (one clear error within
+    ~10 s, not MLflow's minutes of retries); a sqlite ledger is created or upgraded under a file lock, so runs
+    started together in a fresh workspace do not race MLflow's schema migration."""
     _quiet_mlflow()
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    with ledger_lock(uri):
+        c = MlflowClient(tracking_uri=uri)
+        c._tracking_client.store  # noqa: B018  (creates / migrates the sqlite schema now, inside the lock)
+    return c
+
+
+@contextmanager
+def ledger_lock(uri: str):
+    """An exclusive lock beside a sqlite ledger (no-op for servers): creating tables, experiments and runs."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_server(uri: str, timeout: float = 5.0, tries: int = 2) -> None:
+    """Raise one clear LmlabError when the tracking server at `uri` does not answer its health check."""
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    shown = redact(uri)
+    request = urllib.request.Request(shown.rstrip("/") + "/health")
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username:  # credentials in the URI go in a header, never in what is printed
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    problem = ""
+    for _ in range(tries):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered (an older server without /health, or behind auth): MLflow takes it from here
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            problem = str(getattr(e, "reason", e))
+    raise LmlabError(f"ledger: the tracking server {shown} does not answer ({problem}); start it, or point "
+                     "LMLAB_TRACKING_URI / ledger.uri at one that runs (unset both to use the workspace's sqlite "
+                     "ledger)")
+
+
+def redact(uri: str) -> str:
+    """`uri` without credentials (user:password@host → host), for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    return urlunsplit(parts)
 
 
 def experiment_id(c, name: str, artifact_root: Path | None) -> str:
@@ -46,13 +110,20 @@ class MlflowLedger:
                  artifact_root: Path | None = None, tags: dict[str, str] | None = None):
         self.uri = uri
         self.client = client(uri)
+        self._logged: set[tuple[str, int]] = set()  # (metric, step) already in the ledger (a resumed run)
         try:
             if run_id is not None:
-                self.run_id = self.client.get_run(run_id).info.run_id
+                run = self.client.get_run(run_id)
+                self.run_id = run.info.run_id
                 self.client.update_run(run_id, status="RUNNING")
+                # steps logged after the checkpoint a resume starts from (a kill -9 between a log and the next
+                # save) are computed again: log each (metric, step) once
+                self._logged = {(key, m.step) for key in run.data.metrics
+                                for m in self.client.get_metric_history(self.run_id, key)}
             else:
-                exp = experiment_id(self.client, experiment, artifact_root)
-                self.run_id = self.client.create_run(exp, run_name=run_name, tags=tags or {}).info.run_id
+                with ledger_lock(uri):
+                    exp = experiment_id(self.client, experiment, artifact_root)
+                    self.run_id = self.client.create_run(exp, run_name=run_name, tags=tags or {}).info.run_id
         except Exception as e:
             if "RESOURCE_DOES_NOT_EXIST" in str(e) or "not found" in str(e).lower():
                 raise LmlabError(f"ledger: no run '{run_id}' in {uri}; see `lmlab runs`") from None
@@ -71,7 +142,9 @@ class MlflowLedger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if (k, step) not in self._logged]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

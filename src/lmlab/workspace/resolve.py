@@ -9,7 +9,7 @@ eval, inspect-predictions, --resume) and `model.init_from` goes through `resolve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +17,7 @@ from lmlab.errors import LmlabError
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 from lmlab.workspace import layout
 from lmlab.workspace.ledger import find_run
+from lmlab.workspace.manifest import checkpoint_problem, has_manifest
 
 Which = Literal["best", "last"]
 
@@ -27,6 +28,7 @@ class Resolved:
     run_id: str | None  # None for a bare checkpoint folder from elsewhere
     run_dir: Path | None  # the run's folder, when the checkpoint lives in one
     ledger_uri: str | None  # the ledger holding run_id, when known
+    notes: list[str] = field(default_factory=list)  # checkpoints skipped (and why), unverifiable ones used
 
     @property
     def workspace(self) -> Path | None:
@@ -58,7 +60,8 @@ def resolve(ref: str | Path, *, output_dir: str | Path | None = None, uri: str |
         if base is not None and Path(text).is_dir():
             return _resolve_folder(Path(text).resolve(), which, field)
     run_id, run_dir, ledger = _find_run_dir(text, output_dir, uri, field)
-    return Resolved(_pick(run_dir, which, run_id, field), run_id, run_dir, ledger)
+    notes: list[str] = []
+    return Resolved(_pick(run_dir, which, run_id, field, notes), run_id, run_dir, ledger, notes)
 
 
 def resolve_run_dir(ref: str | Path, *, output_dir: str | Path | None = None, uri: str | None = None,
@@ -71,21 +74,46 @@ def resolve_run_dir(ref: str | Path, *, output_dir: str | Path | None = None, ur
     return _find_run_dir(text, Path(output_dir if output_dir is not None else DEFAULT_WORKSPACE), uri, field)
 
 
-def latest_checkpoint(run_dir: Path, field: str = "--resume") -> Path:
-    found = layout.list_checkpoints(run_dir)
-    if not found:
-        raise LmlabError(f"{field}: no checkpoint in {run_dir / layout.CHECKPOINTS}; the run saved none")
-    return found[-1]
+def latest_checkpoint(run_dir: Path, field: str = "--resume", notes: list[str] | None = None) -> Path:
+    """The run's newest checkpoint that verifies (what a resume continues from); skipped ones go to `notes`."""
+    return _pick(run_dir, "last", run_dir.name, field, notes if notes is not None else [])
+
+
+def checkpoint_unusable(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be used — its manifest does not verify, it has no model config, its
+    meta.json is missing or not JSON — or None. A folder without a manifest (written before manifests existed) is
+    usable, but unverified."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        return problem
+    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        return "config.json / adapter_config.json missing"
+    if (path / "recipe.yaml").is_file() or (path / "meta.json").exists():  # an lmlab checkpoint: meta.json needed
+        try:
+            meta = layout.read_meta(path)
+        except FileNotFoundError:
+            return "meta.json missing"
+        except (OSError, ValueError):
+            return "meta.json is not readable JSON"
+        if not isinstance(meta, dict):
+            return "meta.json is not a JSON object"
+    return None
 
 
 def _resolve_folder(path: Path, which: Which, field: str) -> Resolved:
-    if layout.is_checkpoint(path):
+    if layout.is_checkpoint(path) or (path / "manifest.json").is_file():
+        problem = checkpoint_unusable(path)
+        if problem is not None:
+            raise LmlabError(f"{field}: checkpoint {path} does not verify: {problem}; give another checkpoint or the "
+                             "run (its newest checkpoint that verifies is used)")
         meta = layout.read_json(path / "meta.json")
         run_dir = path.parent.parent if path.parent.name == layout.CHECKPOINTS else None
-        return Resolved(path, meta.get("run_id"), run_dir, layout.ledger_near(path))
+        notes = [] if has_manifest(path) or not (path / "meta.json").is_file() else [_unverified(path)]
+        return Resolved(path, meta.get("run_id"), run_dir, layout.ledger_near(path), notes)
     if (path / layout.CHECKPOINTS).is_dir():
-        checkpoint = _pick(path, which, path.name, field)
-        return Resolved(checkpoint, path.name, path, layout.ledger_near(checkpoint))
+        notes: list[str] = []
+        checkpoint = _pick(path, which, path.name, field, notes)
+        return Resolved(checkpoint, path.name, path, layout.ledger_near(checkpoint), notes)
     raise LmlabError(f"{field}: {path} is not a checkpoint folder (no config.json / adapter_config.json) "
                      "nor a run folder (no checkpoints/)")
 
@@ -115,16 +143,38 @@ def _find_run_dir(run_id: str, output_dir: Path, uri: str | None, field: str) ->
                      "folder instead")
 
 
-def _pick(run_dir: Path, which: Which, run_id: str | None, field: str) -> Path:
-    """The run's last checkpoint, or its best: the one the newest checkpoint's meta.json names as best."""
+def _pick(run_dir: Path, which: Which, run_id: str | None, field: str, notes: list[str]) -> Path:
+    """The run's newest checkpoint that verifies ("last"), or its best: the one that checkpoint's meta.json names
+    as best, if it verifies too. Every checkpoint skipped on the way is noted with what failed."""
     found = layout.list_checkpoints(run_dir)
     if not found:
         raise LmlabError(f"{field}: run {(run_id or run_dir.name)[:8]} saved no checkpoint in {run_dir}; nothing to load")
+    newest = None
+    for path in reversed(found):
+        problem = checkpoint_unusable(path)
+        if problem is None:
+            newest = path
+            break
+        notes.append(f"skipped checkpoint {path.name}: {problem}")
+    if newest is None:
+        raise LmlabError(f"{field}: no checkpoint of run {(run_id or run_dir.name)[:8]} verifies ({'; '.join(notes)})")
+    chosen = newest
     if which == "best":
-        best = layout.read_json(found[-1] / "meta.json").get("best_checkpoint")
-        if best and (run_dir / layout.CHECKPOINTS / Path(best).name).is_dir():
-            return run_dir / layout.CHECKPOINTS / Path(best).name
-    return found[-1]
+        best = layout.read_json(newest / "meta.json").get("best_checkpoint")
+        candidate = run_dir / layout.CHECKPOINTS / Path(best).name if best else None
+        if candidate is not None and candidate.is_dir() and candidate != newest:
+            problem = checkpoint_unusable(candidate)
+            if problem is None:
+                chosen = candidate
+            else:
+                notes.append(f"skipped the best checkpoint {candidate.name}: {problem}; using {newest.name}")
+    if not has_manifest(chosen):
+        notes.append(_unverified(chosen))
+    return chosen
+
+
+def _unverified(path: Path) -> str:
+    return f"checkpoint {path.name} has no manifest (written before lmlab verified checkpoints): it cannot be verified"
 
 
 def resolve_init_from(recipe) -> Resolved:
