@@ -311,9 +311,9 @@ def summary_grid(table: Comparison) -> Grid:
 def runs_tables_html(table: Comparison) -> str:
     """The summary table, then the whole compare table folded (it can be dozens of columns wide)."""
     summary = summary_grid(table)
-    n_params = sum(c.kind == "param" for c in table.columns)
+    n_params = sum(c.kind == "param" and len({str(v) for v in c.values}) > 1 for c in table.columns)
     shown = sum(c.kind == "param" for c in summary.columns)
-    more = f"; {n_params - shown} more differing hyperparameters in the full table" if n_params > shown else ""
+    more = f" {n_params - shown} more differing hyperparameters are in the full table." if n_params > shown else ""
     return (f'<div class="wide">{summary.html("compare")}</div>'
             f'<p class="muted">{escape(table.caption)}{escape(more)}</p>'
             f"<details><summary>Full table: all {len(table.columns)} columns</summary>"
