@@ -258,6 +258,8 @@ def compare(rows: list[RunRow], *, uri: str | None = None, keep: list[str] | Non
     for split in ("val", "test"):
         metric(f"{split}/accuracy", f"{split} accuracy", [_first(m, f"final/{split}/accuracy") for m in ms])
         metric(f"{split}/log_loss", f"{split} log loss", [_first(m, f"final/{split}/log_loss") for m in ms])
+        for k in ("chosen", "rejected", "margin"):  # task dpo: β·log-ratio to the reference; margin = chosen − rejected
+            metric(f"{split}/rewards/{k}", f"{split} reward {k}", [_first(m, f"final/{split}/rewards/{k}") for m in ms])
     judges = dict.fromkeys(k.removeprefix("final/") for m in ms for k in m if "judge" in k)
     for k in judges:
         metric(k, k.replace("/", " ").replace("_", " "), [_first(m, f"final/{k}", k) for m in ms])

@@ -273,7 +273,8 @@ class TrainSetup:
     lora_targets: tuple[str, ...] | None = None  # None = every linear of the blocks (peft's "all-linear")
     zero_stage: int = 0
     world_size: int = 1
-    sequences_per_example: int = 1  # pair bi-encoder: A and B are separate sequences
+    sequences_per_example: int = 1  # pair bi-encoder: A and B are separate sequences; dpo: chosen and rejected
+    frozen_reference: bool = False  # dpo.reference frozen_copy: a second, frozen copy of the model's weights
 
     @property
     def tokens(self) -> int:
@@ -288,6 +289,8 @@ class TrainSetup:
                   "qlora": f"QLoRA r={self.lora_r} (4-bit base)"}[self.adapter]]
         if self.grad_accum > 1:
             parts.append(f"grad_accum {self.grad_accum}")
+        if self.frozen_reference:
+            parts.append("frozen reference copy")
         if self.world_size > 1 or self.zero_stage:
             parts.append(f"world {self.world_size}, ZeRO-{self.zero_stage}" if self.zero_stage
                          else f"world {self.world_size} (DDP)")
@@ -620,6 +623,7 @@ def _static(shape: ModelShape, setup: TrainSetup) -> dict[str, int]:
         weights = FP32 * (pc.total + trainable)
     else:
         weights = FP32 * pc.total
+    reference = weights if setup.frozen_reference else 0  # a full copy on every device: never sharded
     grads = FP32 * trainable
     states = (2 if setup.optimizer == "adamw" else (1 if setup.sgd_momentum > 0 else 0)) * FP32 * trainable
     ddp_buckets = grads if world > 1 and stage == 0 else 0  # DDP's gradient buckets copy every gradient
@@ -631,7 +635,7 @@ def _static(shape: ModelShape, setup: TrainSetup) -> dict[str, int]:
     if stage >= 3:
         weights //= world
         gather = 2 * FP32 * pc.per_layer  # the layer being computed and the next one, gathered in full
-    return {"weights": int(weights) + gather, "grads": grads, "states": states, "ddp": ddp_buckets,
+    return {"weights": int(weights) + gather + int(reference), "grads": grads, "states": states, "ddp": ddp_buckets,
             "trainable": trainable, "total": pc.total, "largest": largest,
             "largest_group": largest_group // (world if stage >= 1 else 1),
             "embed": embed_w, "layer_grads": FP32 * pc.per_layer if setup.adapter is None else
@@ -853,6 +857,11 @@ def plan_recipe(recipe: Recipe, device: str = "cpu:24gb", *, world_size: int | N
     t = recipe.train
     seq_len = recipe.model.block_size if recipe.run.task == "lm" else recipe.data.max_length
     sequences = 2 if (recipe.run.task == "pair_classify" and recipe.pair.architecture == "bi") else 1
+    dpo_reference = None
+    if recipe.run.task == "dpo":  # chosen and rejected in one forward pass: two sequences per pair
+        sequences, dpo_reference = 2, recipe.dpo.reference
+        if dpo_reference == "auto":  # as training resolves it for a new adapter or full fine-tuning
+            dpo_reference = "adapter_disabled" if (adapter or recipe.adapter.kind) != "none" else "precomputed"
     section = recipe.adapter
     if adapter is None and section.kind != "none":
         adapter, lora_r = section.kind, lora_r or section.r
@@ -867,10 +876,16 @@ def plan_recipe(recipe: Recipe, device: str = "cpu:24gb", *, world_size: int | N
         optimizer=t.optimizer, sgd_momentum=t.momentum, grad_accum=t.grad_accum,
         checkpointing=recipe.model.gradient_checkpointing if checkpointing is None else checkpointing,
         adapter=adapter, lora_r=lora_r or 16, lora_targets=lora_targets, zero_stage=zero_stage,
-        world_size=world_size or 1, sequences_per_example=sequences)
+        world_size=world_size or 1, sequences_per_example=sequences, frozen_reference=dpo_reference == "frozen_copy")
     effective = t.batch_size * t.grad_accum * (world_size or 1)
     plan = plan_from_shape(shape, setup, device, effective_batch=effective)
     plan.model = f"{recipe.run.name}: {plan.model}"
+    if dpo_reference is not None:
+        copy_bytes = _static(shape, replace(setup, frozen_reference=True))["weights"] - \
+            _static(shape, replace(setup, frozen_reference=False))["weights"]
+        plan.notes.append(f"dpo: chosen and rejected in one forward pass (2 sequences per pair); reference "
+                          f"{dpo_reference}: " + ("the frozen copy is in the weights" if dpo_reference == "frozen_copy"
+                                                  else "no second copy") + f" (a frozen copy takes {_fmt(copy_bytes)})")
     if shape.arch == "bert":
         plan.notes.append("encoder planned with a classification head (no vocabulary logits)")
     return plan

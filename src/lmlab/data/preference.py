@@ -147,12 +147,12 @@ def tokenize_preference(records: Sequence[Mapping[str, Any]], template: PromptTe
         if c is None or r is None:
             _drop(report, _tokenization_reason(row, c_rep if c is None else r_rep), row)
             continue
-        examples.append({"chosen_ids": c["input_ids"], "chosen_labels": c["labels"],
-                         "rejected_ids": r["input_ids"], "rejected_labels": r["labels"], "row": row})
-        for ex in (c, r):
-            report.n_tokens += len(ex["input_ids"])
-            report.n_loss_tokens += sum(x != -100 for x in ex["labels"])
-            report.max_tokens = max(report.max_tokens, len(ex["input_ids"]))
+        examples.append({"chosen_ids": c["input_ids"], "chosen_labels": last_turn_only(c["labels"]),
+                         "rejected_ids": r["input_ids"], "rejected_labels": last_turn_only(r["labels"]), "row": row})
+        for side in ("chosen", "rejected"):
+            report.n_tokens += len(examples[-1][f"{side}_ids"])
+            report.n_loss_tokens += sum(x != -100 for x in examples[-1][f"{side}_labels"])
+            report.max_tokens = max(report.max_tokens, len(examples[-1][f"{side}_ids"]))
     report.truncated_chosen, report.truncated_rejected = c_rep.n_truncated, r_rep.n_truncated
     report.truncated_rows = sorted({*c_rep.truncated_rows, *r_rep.truncated_rows})[:_SHOW_ROWS]
     report.chosen, report.rejected = c_rep.to_dict(), r_rep.to_dict()
@@ -162,6 +162,19 @@ def tokenize_preference(records: Sequence[Mapping[str, Any]], template: PromptTe
         raise LmlabError(f"{source}: no preference pair left after tokenization ({_reasons(report)}); "
                          "raise data.max_length")
     return examples, report
+
+
+def last_turn_only(labels: list[int]) -> list[int]:
+    """Labels of the final response alone: SFT trains every assistant turn of a chat, but a preference is about
+    the last one, the earlier turns are the prompt. The final response (with its EOS) is the last unbroken run of
+    targets: a user turn, never a target, separates it from earlier assistant turns."""
+    end = next((t for t in range(len(labels) - 1, -1, -1) if labels[t] != -100), None)
+    if end is None:
+        return labels
+    start = end
+    while start > 0 and labels[start - 1] != -100:
+        start -= 1
+    return [-100] * start + labels[start:]
 
 
 # ------------------------------------------------------------------------------------------- conversion
