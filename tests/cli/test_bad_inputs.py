@@ -112,7 +112,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 # (id, args with {name} = a recipe / file from `files`, expected exit status, text the first error line must hold)
 CASES = [
     ("recipe-not-found", ["validate", "{root}/missing.yaml"], 2, "missing.yaml: recipe file not found"),
-    ("yaml-syntax", ["validate", "{syntax}"], 2, "syntax.yaml: line 5: not valid YAML"),
+    ("yaml-syntax", ["validate", "{syntax}"], 2, "syntax.yaml: line 3: not valid YAML"),
     ("yaml-list", ["validate", "{list}"], 2, "the top level must be a mapping"),
     ("empty-recipe", ["validate", "{empty}"], 2, "data: required"),
     ("no-data-section", ["validate", "{no_data}"], 2, "data: required; add it to the recipe"),

@@ -128,7 +128,7 @@ def test_presets_builtin_recipe_and_overrides():
     assert pick_preset(R, "contrastive").mode == "contrastive"
     assert pick_preset(R, "sample", {"temperature": 0.2, "top_p": None}).temperature == 0.2
     assert pick_preset(object(), None) == BUILTIN_PRESETS["greedy"]
-    with pytest.raises(LmlabError, match="unknown preset 'nope'; one of greedy, sample, creative, contrastive, json"):
+    with pytest.raises(LmlabError, match="unknown preset 'nope'; one of greedy, sample, creative, contrastive, varied, json"):
         pick_preset(R, "nope")
     with pytest.raises(LmlabError, match="--top-k: contrastive search .* set top_k >= 2"):
         pick_preset(R, "greedy", {"penalty_alpha": 0.5})

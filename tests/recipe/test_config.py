@@ -53,7 +53,7 @@ def test_set_overrides_parse_yaml_values(tmp_path):
 def test_bad_override_and_bad_yaml(tmp_path):
     with pytest.raises(RecipeError, match="--set train.lr: expected key=value"):
         load_recipe(write(tmp_path, "data: {path: a.csv}\n"), ["train.lr"])
-    with pytest.raises(RecipeError, match="line 3: not valid YAML"):
+    with pytest.raises(RecipeError, match="line 2: not valid YAML"):  # where the '[' opens, not past the end
         load_recipe(write(tmp_path, "data:\n  path: [a\n"))
 
 

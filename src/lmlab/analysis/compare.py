@@ -27,6 +27,7 @@ from lmlab.workspace.runs import RunRow, list_runs
 # Recipe fields that label, file or watch a run but cannot change what it learns: never a "difference".
 # (alerts.early_stop_* can end a run early, so they stay. judge.* settings are logged with each judge result.)
 BOOKKEEPING = ("run.name", "run.notes", "run.output_dir", "ledger.", "checkpoint.", "train.log_every", "judge.",
+               "generation.",  # how generate decodes the model later
                "alerts.spike_mad_k", "alerts.spike_window", "alerts.overfit_patience", "alerts.warmup_warn_fraction")
 # Derived values worth a column when they differ (a LoRA rank changes the trainable count, a batch the steps).
 DERIVED = ("derived.params_total", "derived.params_trainable", "derived.items_per_step", "derived.tokens_per_step",

@@ -51,6 +51,10 @@ def generate(
     result = generate_side_by_side([run, *(compare or [])], items, preset=preset, overrides=overrides,
                                    output_dir=output_dir, batch_size=batch_size, log=not no_log)
     labels, columns = result["labels"], result["columns"]
+    for label, name in zip(labels, result["presets"], strict=True):
+        why = "--preset" if preset else "its recipe's generation.default_preset"
+        err_console.print(f"{label}: preset {name} ({why}; --preset NAME to change)", style="dim", markup=False,
+                          soft_wrap=True)
     if len(labels) == 1:
         for prompt_text, g in zip(result["prompts"], columns[0], strict=True):
             console.rule(style="dim")

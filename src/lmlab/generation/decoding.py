@@ -291,10 +291,11 @@ def generate_side_by_side(refs: Sequence[str], prompts: Sequence[str | Mapping[s
                           overrides: Mapping[str, Any] | None = None, output_dir: str = DEFAULT_WORKSPACE,
                           batch_size: int = 8, log: bool = True) -> dict[str, Any]:
     """Run the same prompts through each run (one model in memory at a time) and log each run's generations.
-    Returns {"labels": [...], "prompts": [...], "columns": [[Generation, ...] per run], "logged": [...]}."""
+    Returns {"labels": [...], "prompts": [...], "columns": [[Generation, ...] per run], "logged": [...],
+    "presets": [the preset each run used: `preset`, else its recipe's generation.default_preset]}."""
     import gc
 
-    labels, columns, logged, shown = [], [], [], None
+    labels, columns, logged, presets, shown = [], [], [], [], None
     for ref in refs:
         loaded = load_checkpoint(ref, output_dir=output_dir)
         sampling = pick_preset(loaded.recipe, preset, overrides)
@@ -302,7 +303,8 @@ def generate_side_by_side(refs: Sequence[str], prompts: Sequence[str | Mapping[s
         shown = shown or [g.prompt for g in gens]
         labels.append(loaded.label)
         columns.append(gens)
+        presets.append(preset or getattr(getattr(loaded.recipe, "generation", None), "default_preset", "greedy"))
         logged.append(log_generations(loaded, gens, sampling, preset or "default") if log else None)
         del loaded
         gc.collect()
-    return {"labels": labels, "prompts": shown or [], "columns": columns, "logged": logged}
+    return {"labels": labels, "prompts": shown or [], "columns": columns, "logged": logged, "presets": presets}

@@ -45,6 +45,8 @@ BUILTIN_PRESETS: dict[str, SamplingPreset] = {
     "sample": SamplingPreset(temperature=0.7, top_p=0.9, top_k=50),
     "creative": SamplingPreset(temperature=1.0, top_p=0.95, top_k=0, repetition_penalty=1.1),
     "contrastive": SamplingPreset(penalty_alpha=0.6, top_k=4),
+    # the default of runs trained from scratch (Recipe._scratch_models_sample): greedy decoding loops on them
+    "varied": SamplingPreset(temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.3),
 }
 
 
@@ -55,7 +57,8 @@ class GenerationSection(BaseModel):
 
     presets: dict[str, SamplingPreset] = Field(
         default_factory=dict, description=f"Named presets; built in: {', '.join(BUILTIN_PRESETS)} (same names override)")
-    default_preset: str = Field("greedy", description="Preset `lmlab generate` uses without --preset")
+    default_preset: str = Field("greedy", description="Preset `lmlab generate` uses without --preset; a run "
+                                "trained from scratch that names none gets 'varied' (sampling, repetition penalty)")
 
     @model_validator(mode="after")
     def _default_exists(self) -> GenerationSection:

@@ -29,9 +29,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | di
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark else ""
-            raise RecipeError([f"{where}not valid YAML ({getattr(e, 'problem', e)})"], source) from None
+            raise RecipeError([yaml_problem(e, text)], source) from None
         if not isinstance(raw, dict):
             raise RecipeError(["the top level must be a mapping of sections (run:, data:, model:, ...)"], source)
     else:
@@ -52,6 +50,30 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | di
     if path is not None:
         recipe.source_path = str(Path(path).resolve())
     return recipe
+
+
+# PyYAML errors about a construct that was never closed: its context mark is where it opened
+_UNCLOSED = ("while scanning a quoted scalar", "while parsing a flow")
+
+
+def yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """One line naming the line to fix. PyYAML marks where it noticed a problem, which for an unclosed quote or
+    bracket is a later line (often one past the end of the file) and for a key missing its ':' the line after."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+    if mark is None:
+        return f"not valid YAML ({problem})"
+    lines = text.splitlines()
+    noticed = min(mark.line, max(len(lines) - 1, 0))  # 0-based; a mark at the end of the file is its last line
+    context, opened = getattr(e, "context", None) or "", getattr(e, "context_mark", None)
+    if opened is not None and opened.line < mark.line and context.startswith(_UNCLOSED):
+        what = context.split(" ", 2)[2]  # "a quoted scalar", "a flow sequence", "a flow mapping"
+        return f"line {opened.line + 1}: not valid YAML ({what} opens here and is not closed; {problem})"
+    if problem == "mapping values are not allowed here" and noticed > 0:
+        before = lines[noticed - 1].strip()
+        if before and ":" not in before and not before.startswith(("#", "-")):
+            return (f"line {noticed}: not valid YAML ('{before}' is not 'key: value': without its ':' the next line "
+                    "is read as part of it)")
+    return f"line {noticed + 1}: not valid YAML ({problem})"
 
 
 def _normalize_overrides(overrides: list[str] | dict | None) -> list[tuple[str, Any]]:

@@ -307,6 +307,14 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _scratch_models_sample(self) -> Recipe:
+        # greedy decoding sends a small model trained from scratch into loops ("the the the ..."): unless the recipe
+        # names one, such a run's default preset samples with a repetition penalty (recorded with the run)
+        if self.model.pretrained is None and "default_preset" not in self.generation.model_fields_set:
+            self.generation.default_preset = "varied"
+        return self
+
+    @model_validator(mode="after")
     def _adapter_needs_pretrained(self) -> Recipe:
         if self.adapter.kind != "none" and self.model.pretrained is None and self.model.init_from is None:
             raise ValueError("adapter: LoRA/QLoRA adapt a pretrained model; set model.pretrained "
