@@ -12,6 +12,7 @@ import yaml
 from helpers import tiny_tokenizer
 from helpers.recipes import DATA, REPO, tiny_lm
 from helpers.smollm2 import models_root_with_smollm2, smollm2_available
+from helpers.toy import lmlab_cli
 from typer.testing import CliRunner
 
 from lmlab.analysis.inspect_data import (
@@ -100,6 +101,24 @@ def test_plots_funnel_and_one_html_page(workspace):
                   "top 12 tokens"):
         assert f"<h2>{title}" in page
     assert page.count("data:image/png;base64,") == 3 and ins.fingerprints["train"] in page
+
+
+def test_cli_html_writes_the_page_where_it_is_told(workspace):
+    """`lmlab data inspect RECIPE --html out.html` as the README writes it: the page goes to out.html."""
+    path = write_recipe(workspace, tiny_lm())
+    out = runner.invoke(app, ["data", "inspect", str(path), "--html", "pages/out.html"])
+    assert out.exit_code == 0, out.output
+    page = workspace / "pages" / "out.html"
+    assert page.is_file() and "<h1>lmlab data inspect: tiny</h1>" in page.read_text()
+    assert "html: pages/out.html" in out.output
+
+
+def test_cli_html_to_an_unwritable_path_is_one_line(workspace):
+    path = write_recipe(workspace, tiny_lm())
+    proc = lmlab_cli("data", "inspect", str(path), "--html", str(path / "out.html"), cwd=workspace)  # under a file
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: --html: cannot write {path / 'out.html'} ({path} is a file, not a " \
+                                  "folder); give a file path in a folder you can write to"
 
 
 def test_unknown_token_rate():

@@ -458,10 +458,16 @@ def write_html(ins: DataInspection, path: Path) -> Path:
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:90%}pre{background:#f6f6f6;"
              "padding:8px;white-space:pre-wrap}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>data inspect: "
-                    f"{html.escape(ins.recipe_name)}</title><style>{style}</style></head><body>"
-                    + "\n".join(parts) + "</body></html>", encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>data inspect: "
+                        f"{html.escape(ins.recipe_name)}</title><style>{style}</style></head><body>"
+                        + "\n".join(parts) + "</body></html>", encoding="utf-8")
+    except OSError as e:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
+        raise LmlabError(f"--html: cannot write {path} ({why}); give a file path in a folder you can write to") \
+            from None
     return path
 
 
