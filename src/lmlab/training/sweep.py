@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ class SweepPlan:
     eval_every: int  # the base recipe's, for the pruners' warm-up and minimum resource
     parent_run_id: str | None = None
     threads: int | None = None
+    workers: int = 1
+    shared_storage: bool = False  # --study-storage given: other machines may work on the same study
     quiet: bool = True  # no per-step progress from the trials' training
     progress: bool = False  # one line per finished trial
 
@@ -133,7 +136,8 @@ def plan_sweep(recipe_path: str | Path, sets: list[str] | None = None, *, sweep_
         name=sweep_name, storage_url=storage or study_url(recipe.run.output_dir), output_dir=recipe.run.output_dir,
         ledger_uri=tracking_uri(recipe), experiment=recipe.ledger.experiment, n_trials=config.n_trials(),
         sampler=config.sampler_name(), seed=config.seed if config.seed is not None else recipe.run.seed,
-        eval_every=recipe.eval.every_steps or 1, threads=threads, quiet=quiet, progress=progress)
+        eval_every=recipe.eval.every_steps or 1, threads=threads, workers=workers, shared_storage=storage is not None,
+        quiet=quiet, progress=progress)
 
 
 def _read_sweep(raw: dict[str, Any]) -> tuple[SweepConfig, list[str]]:
@@ -206,7 +210,10 @@ def open_storage(url: str):
 def make_sampler(plan: SweepPlan, worker: int = 0):
     optuna = _quiet_optuna()
     sweep = plan.sweep
-    seed = plan.seed + worker  # workers of one study must not draw the same points
+    # one worker alone draws reproducibly from the sweep's seed; several workers, here or on other machines sharing
+    # the study, must not draw the same points: each mixes in who it is
+    shared = worker > 0 or plan.workers > 1 or plan.shared_storage
+    seed = plan.seed + (1 + zlib.crc32(worker_tag().encode()) % 1_000_000 if shared else 0)
     if plan.sampler == "grid":
         return optuna.samplers.GridSampler({k: p.candidates() for k, p in sweep.searched().items()}, seed=plan.seed)
     if plan.sampler == "random":
