@@ -85,8 +85,10 @@ def variants(text: str) -> list[str]:
 
 
 def argv(text: str) -> list[str]:
+    """The arguments lmlab gets: up to a pipe or redirection, placeholders filled in."""
     words = shlex.split(text, comments=True)
     assert words[0] == "lmlab"
+    words = words[:next((i for i, w in enumerate(words) if w in ("|", ">", ">>", "2>", "<", "&&", ";")), len(words))]
     return [PLACEHOLDERS.get(re.sub(r"\.\.\.$", "", w), re.sub(r"^([A-Z][A-Z0-9_]*)\.\.\.$", r"\1", w))
             for w in words[1:]]
 
@@ -157,3 +159,4 @@ def test_optional_parts_and_alternatives_are_each_parsed():
         "lmlab compare RUN...   # x", "lmlab compare RUN...  --markdown   # x", "lmlab compare RUN...  --csv   # x"]
     assert argv("lmlab generate RUN --prompt \"...\" -p '[x]'  # c") == ["generate", "RUN", "--prompt", "...", "-p", "[x]"]
     assert variants("lmlab run --set 'a=[1,2]'") == ["lmlab run --set 'a=[1,2]'"]  # brackets inside quotes
+    assert argv("lmlab runs --format json | jq '.[0]' > out.json") == ["runs", "--format", "json"]
