@@ -145,7 +145,28 @@ def test_two_runs_side_by_side_rated_into_log_ledger_and_preference_data(two_run
         assert page.inner_text("#col-1 .tally") == "▲ 0 up · ▼ 0 down · 0 wins · 1 losses"
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
-        assert not errors, errors
+
+        # a second turn, sent with the button, cut at 2 new tokens: each model continues its own conversation, and
+        # an answer that hit the limit says so in red; Regenerate asks again with the same (greedy) settings
+        sent = []
+        page.on("request", lambda r: sent.append(json.loads(r.post_data)) if "/v1/chat/" in r.url else None)
+        page.eval_on_selector("#max_new_tokens", "e => { e.value = 2; e.dispatchEvent(new Event('input')); }")
+        page.fill("#prompt", "two")
+        page.click("#send")
+        page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length === 4")
+        assert [m["messages"] for m in sent] == [
+            [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": want.text},
+             {"role": "user", "content": "two"}] for want in (want_left, want_right)]
+        assert all(m["max_tokens"] == 2 and m["temperature"] == 0 for m in sent)
+        cut = page.locator("#col-0 .msg.assistant").nth(1)
+        assert cut.locator(".stats").inner_text().endswith("stopped: length — it did not stop by itself")
+        assert cut.locator(".stats .length").evaluate("e => getComputedStyle(e).color") == "rgb(180, 72, 27)"
+        first_cut = cut.locator(".text").inner_text()
+        page.click("#regenerate")
+        page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length === 4 && "
+                               "!document.getElementById('send').disabled")
+        assert len(sent) == 4 and sent[2] == sent[0] and cut.locator(".text").inner_text() == first_cut
+        assert page.locator(".msg.assistant").count() == 4 and not errors, errors
     finally:
         server.stop()
 
