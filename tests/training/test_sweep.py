@@ -52,6 +52,19 @@ def test_grid_trials_are_child_runs_and_the_table_matches_the_ledger(workspace):
     assert best == pytest.approx([c.metrics["final/best/val/loss"] for c in by_loss])
     assert outcome.best["run_id"] == by_loss[0].run_id
     assert parent[0].tags["lmlab.sweep.best_run"] == by_loss[0].run_id
+    # the commands that read it back
+    from typer.testing import CliRunner
+
+    from lmlab.cli import app
+
+    out = CliRunner().invoke(app, ["compare", "--sweep", outcome.name, "--markdown"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 6 and [line.split(" | ")[1] for line in lines[2:]] == [c.run_id[:8] for c in by_loss]
+    out = CliRunner().invoke(app, ["report", "--sweep", outcome.name, "-o", "sweep.html"])
+    assert out.exit_code == 0, out.output
+    page = (workspace / "sweep.html").read_text()
+    assert "Parameter importances" in page and page.count("data:image/png") >= 4  # sweep plots + loss curves
     # the same command again continues the study: nothing left to run, nothing run twice
     again = run_sweep(plan_sweep(path, grid=GRID))
     assert again.done and again.counts == {"COMPLETE": 4} and again.parent_run_id == outcome.parent_run_id
