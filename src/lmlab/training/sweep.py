@@ -163,6 +163,9 @@ def _read_sweep(raw: dict[str, Any]) -> tuple[SweepConfig, list[str]]:
             problems += [f"sweep.params.{key}: " + describe_error(err, root=ParamSpec).partition(": ")[2]
                          for err in e.errors()]
     config.params = params
+    if config.metric.startswith("judge/"):  # not done: a trial would have to serve a judge after training
+        problems.append(f"sweep.metric: {config.metric} is logged by `lmlab eval --judge` after a run, not by the "
+                        "training loop's evals; optimize val/loss (or another val/ metric) and judge the best trials")
     return config, problems
 
 
