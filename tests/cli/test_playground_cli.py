@@ -27,6 +27,12 @@ def test_playground_with_no_model_that_loads_names_each_failure(tmp_path):
     assert r.stderr.splitlines()[-1].startswith("error: lmlab playground: no model loaded: nope: ")
 
 
+def test_a_gguf_file_that_is_not_there_is_named(tmp_path):
+    r = lmlab_cli("playground", "--gguf", str(tmp_path / "model.gguf"), "--port", "0", cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (
+        2, f"error: lmlab playground: no model loaded: --gguf: {tmp_path / 'model.gguf'} is not a file")
+
+
 def test_feedback_commands_name_a_missing_or_broken_log(tmp_path):
     r = lmlab_cli("feedback", "export", "-o", str(tmp_path / "prefs.jsonl"), "--output-dir", str(tmp_path / "ws"))
     assert (r.returncode, r.stderr.strip()) == (2, f"error: {tmp_path / 'ws' / 'feedback.jsonl'}: no feedback log; "

@@ -301,6 +301,8 @@ def test_feedback_endpoint_refuses_bad_ratings_with_one_line(lan_playground):
         "answers[0].column: 1 is not a column with a loaded model")
     assert refused({"verdict": "meh", "answers": [answer]}).startswith("verdict: Input should be 'up', 'down'")
     assert http.post("/api/feedback", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+    huge = {"verdict": "up", "answers": [{**answer, "answer": "x" * (1 << 20)}]}
+    assert http.post("/api/feedback", json=huge).status_code == 413
     assert not log.exists()  # nothing refused was written
 
 

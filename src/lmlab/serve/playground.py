@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,15 +29,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lmlab.errors import LmlabError
 from lmlab.recipe.generation import BUILTIN_PRESETS, SamplingPreset, presets_of
 from lmlab.serve.access import MAX_COLUMNS, BasicAuth, basic_user, check_access
-from lmlab.serve.app import DEFAULT_MAX_TOKENS_CAP, create_app, error_response, validation_message
+from lmlab.serve.app import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_TOKENS_CAP,
+    Guard,
+    create_app,
+    error_response,
+    validation_message,
+)
+from lmlab.serve.backends import Backend, load_backend
 from lmlab.workspace.feedback import COUNTS, Message, RatedAnswer, Rating, Verdict, add_counts, append_rating
 from lmlab.workspace.feedback import now as utc_now
 from lmlab.workspace.feedback import problem as rating_problem
 from lmlab.workspace.layout import ledger_uri
 from lmlab.workspace.ledger import client
-
-if TYPE_CHECKING:
-    from lmlab.serve.backends import Backend
 
 PAGE = Path(__file__).with_name("playground.html")
 
@@ -86,9 +91,6 @@ def load_column(ref: str | Path, *, gguf: bool = False, output_dir: str, base: s
 
 
 def _load_run(ref: str, output_dir: str, base: str | None, merge: bool, preset: str | None) -> Column:
-    # torch: imported when a model is loaded, so `lmlab playground`'s argument checks stay instant
-    from lmlab.serve.backends import load_backend
-
     backend = load_backend(ref, output_dir=output_dir, base=base, merge=merge, preset=preset)
     loaded = backend.loaded
     if loaded.template is not None and loaded.recipe is not None:
@@ -240,8 +242,9 @@ def create_playground(columns: Sequence[Column], *, feedback_log: str | Path, ra
     for i, c in enumerate(columns):
         if c.backend is not None:
             app.mount(f"/models/{i}", create_app(c.backend, max_tokens_cap=max_tokens_cap))
+    app.add_middleware(Guard, api_key=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES)  # ratings too: 413 over 1 MiB
     if auth:
-        app.add_middleware(BasicAuth, users=auth)
+        app.add_middleware(BasicAuth, users=auth)  # added last = runs first: no login, no body read
     return app
 
 
