@@ -194,3 +194,26 @@ def test_metrics_count_ties_half_and_reset():
     first = task.train_metrics()
     assert first["train/accuracy"] == 0.5 and first["train/rewards/margin"] == 0.0  # policy = reference: chance
     assert task.train_metrics() == {}  # the window was consumed
+
+
+def test_evaluation_keeps_reference_log_probs_for_the_next_one():
+    """The reference runs once per val pair: later evaluations score the policy alone, with the same result."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok), seed=10)
+    calls = []
+
+    class Counting(FrozenCopy):
+        def logps(self, model, batch):
+            calls.append(batch["input_ids"].shape[0])
+            return super().logps(model, batch)
+
+    val = [as_example(p) for p in make_pairs(len(tok), n=5, seed=11)]
+    task = DpoTask(DpoConfig(), [], val, reference=Counting(model), pad_id=tok.pad_token_id, eval_batch_size=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    first = task.evaluate(model, task.val_set, "val")
+    assert calls == [4, 4, 2] and all("ref" in e for e in val)
+    second = task.evaluate(model, task.val_set, "val")
+    assert calls == [4, 4, 2] and second == pytest.approx(first, abs=1e-6)
+    assert first["val/accuracy"] != 0.5  # the policy moved away from the reference

@@ -220,18 +220,20 @@ class DpoTask:
         """Response tokens: those whose log-probs the loss sums."""
         return int((batch["labels"] != IGNORE).sum())
 
-    def _pair_losses(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        ref = self.reference.logps(model, batch)  # first: its activations are freed before the policy's forward
+    def _pair_losses(self, model, batch) -> tuple[torch.Tensor, ...]:
+        """(per-pair losses, chosen rewards, rejected rewards, policy log-probs, reference log-probs)."""
+        # the reference first: its activations are freed before the policy's forward
+        ref = batch["ref_logps"] if "ref_logps" in batch else self.reference.logps(model, batch)
         logps = sequence_logps(model, batch)
         b = logps.shape[0] // 2
         tokens = (batch["labels"] != IGNORE).sum(1)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             logps[:b], logps[b:], ref[:b], ref[b:], beta=self.cfg.beta, loss=self.cfg.loss,
             label_smoothing=self.cfg.label_smoothing, chosen_tokens=tokens[:b], rejected_tokens=tokens[b:])
-        return losses, chosen_rewards, rejected_rewards, logps.detach()
+        return losses, chosen_rewards, rejected_rewards, logps.detach(), ref
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        losses, chosen_rewards, rejected_rewards, _ = self._pair_losses(model, batch)
+        losses, chosen_rewards, rejected_rewards, _, _ = self._pair_losses(model, batch)
         self._trained.append(torch.stack([chosen_rewards, rejected_rewards]))
         return losses.sum(), torch.tensor(losses.numel())
 
@@ -248,7 +250,8 @@ class DpoTask:
                  device: torch.device | None = None, autocast: Callable | None = None) -> dict[str, float]:
         """'{prefix}/loss' (mean over pairs), rewards/chosen, rewards/rejected, rewards/margin, accuracy (margin
         > 0, ties half), policy_accuracy (log π(chosen) > log π(rejected), no reference), logps/chosen,
-        logps/rejected, pairs."""
+        logps/rejected, pairs. The reference log-probs of each pair are kept with it after the first evaluation:
+        the reference does not change during a run, so later evaluations run the policy only."""
         was_training = model.training
         model.eval()
         device = device or next(model.parameters()).device
@@ -257,11 +260,15 @@ class DpoTask:
         losses, chosen, rejected, logps_c, logps_r = [], [], [], [], []
         try:
             for start in range(0, len(examples), self.eval_batch_size):
-                batch = self.collate(list(examples[start:start + self.eval_batch_size]))
-                batch = {k: v.to(device) for k, v in batch.items()}
+                chunk = list(examples[start:start + self.eval_batch_size])
+                batch = {k: v.to(device) for k, v in self.collate(chunk).items()}
                 with autocast() if autocast else contextlib.nullcontext():
-                    loss, c, r, logps = self._pair_losses(model, batch)
+                    loss, c, r, logps, ref = self._pair_losses(model, batch)
                 b = logps.shape[0] // 2
+                if "ref" not in chunk[0]:
+                    ref = ref.float().cpu().tolist()
+                    for i, e in enumerate(chunk):
+                        e["ref"] = (ref[i], ref[b + i])
                 losses.append(loss.float().cpu())
                 chosen.append(c.float().cpu())
                 rejected.append(r.float().cpu())
