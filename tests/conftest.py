@@ -6,6 +6,7 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("LMLAB_STORAGE", None)  # a developer's storage would get every test run mirrored to it
 # tests live in folders mirroring src/lmlab; `helpers` (tests/helpers) is importable from all of them
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,13 @@ from rich.cells import cell_len
 from rich.console import Console, ConsoleDimensions
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.rule import Rule
 
@@ -260,6 +263,28 @@ class Reporter:
     def note(self, text: str) -> None:
         if self.enabled:
             console.print(f"  {text}")
+
+    @contextmanager
+    def uploading(self, where: str) -> Iterator[Callable[[int, int], None]]:
+        """A bytes progress bar for the uploads a run waits for at its end; yields update(done, total). Shown only
+        when something is left to upload."""
+        bar: list[Any] = []
+
+        def update(done: int, total: int) -> None:
+            if not self.enabled or (not bar and done >= total):
+                return
+            if not bar:
+                p = Progress(TextColumn(f"[bold blue]upload[/] {where}"), BarColumn(), DownloadColumn(),
+                             TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
+                p.start()
+                bar.extend([p, p.add_task("upload", total=total)])
+            bar[0].update(bar[1], completed=done, total=max(total, done))
+
+        try:
+            yield update
+        finally:
+            if bar:
+                bar[0].stop()
 
     def stop(self) -> None:
         if self._progress is not None:

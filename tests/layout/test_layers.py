@@ -16,7 +16,7 @@ LAYERS = [
     {"lmlab.generation"}, {"lmlab.evaluation"}, {"lmlab.export"}, {"lmlab.serve"}, {"lmlab.analysis"},
     {"lmlab.cli", "lmlab.__main__"},
 ]
-HEAVY = ("torch", "transformers", "accelerate", "peft", "mlflow")
+HEAVY = ("torch", "transformers", "accelerate", "peft", "mlflow", "fsspec", "s3fs", "botocore")  # + object storage
 
 
 def modules() -> dict[str, Path]:
@@ -121,7 +121,8 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("statement", ["import lmlab.recipe", "import lmlab.cli", "import lmlab",
-                                       "import lmlab.workspace.runs", "import lmlab.analysis.diff"])
+                                       "import lmlab.workspace.runs", "import lmlab.analysis.diff",
+                                       "import lmlab.workspace.storage", "import lmlab.workspace.mirror"])
 def test_light_imports_load_no_model_stack(statement):
     code = f"import sys; {statement}; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

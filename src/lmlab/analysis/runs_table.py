@@ -39,6 +39,9 @@ def runs_grid(rows: list[RunRow]) -> Grid:
     def col(key, header, values, kind="info", fmt=str, style=None):
         return Column(key, header, values, kind, fmt, style)
 
+    # runs mirrored to storage (run.storage): whether storage holds them, is behind, or is all there is of them
+    storage = [col("storage", "storage", [r.storage for r in rows],
+                   style=lambda v: "red" if v == "behind" else "")] if any(r.storage for r in rows) else []
     return Grid([
         col("run_id", "run", [r.run_id for r in rows], fmt=lambda v: v[:8]),
         col("name", "name", [r.name for r in rows]),
@@ -54,4 +57,5 @@ def runs_grid(rows: list[RunRow]) -> Grid:
         col("val/loss_per_char", "val nats/char", [m.get("final/val/loss_per_char") for m in ms], "metric",
             lambda v: f"{v:.4f}"),
         col("duration_s", "duration", [_float(r.duration_s) for r in rows], "metric", duration),
+        *storage,
     ], caption=LOSS_HELP)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from lmlab.cli import compare, data, feedback, finetune, plan, playground, serve, sweep, train  # noqa: F401  (each registers its commands)
+from lmlab.cli import compare, data, feedback, finetune, plan, playground, serve, storage, sweep, train  # noqa: F401  (each registers its commands)
 from lmlab.cli.app import app
 from lmlab.console import err_console
 from lmlab.errors import LmlabError, RecipeError

@@ -19,10 +19,13 @@ RunRef = Annotated[str, typer.Argument(help="Run id (or unique prefix) or a chec
 OutputDirOpt = Annotated[str, typer.Option("--output-dir", help="Workspace whose ledger resolves run ids")]
 BaseOpt = Annotated[str | None, typer.Option("--base", help="Adapter runs: load the base model from here "
                                                 "instead of the recipe's model.pretrained")]
+StorageOpt = Annotated[str | None, typer.Option("--storage", help="Object storage holding runs: an fsspec URL such "
+                                                 "as s3://bucket/prefix (default: $LMLAB_STORAGE); endpoint from "
+                                                 "AWS_ENDPOINT_URL, credentials from the AWS environment / profile")]
 # one output layer (lmlab.console.emit) behind every listing command: runs, compare, diff, plan
 OutputFormat = enum.Enum("OutputFormat", {f: f for f in FORMATS}, type=str)  # typer shows an Enum as a choice
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="table (a rich table on a "
                                         "terminal, plain columns in a pipe), csv (full keys, raw values) or json "
                                         "(one object per run: ids, status, params, metrics, paths)")]
 
-__all__ = ["FormatOpt", "OutputFormat", "DEFAULT_WORKSPACE", "BaseOpt", "Name", "OutputDir", "OutputDirOpt", "RunRef", "SetOpt", "Uri"]
+__all__ = ["FormatOpt", "OutputFormat", "DEFAULT_WORKSPACE", "BaseOpt", "Name", "OutputDir", "OutputDirOpt", "RunRef", "SetOpt", "StorageOpt", "Uri"]

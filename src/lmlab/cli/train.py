@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lmlab.cli.app import app
-from lmlab.cli.options import FormatOpt, SetOpt
+from lmlab.cli.options import FormatOpt, SetOpt, StorageOpt
 from lmlab.console import console
 from lmlab.errors import LmlabError
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
@@ -30,6 +30,7 @@ def run(
     main_port: Annotated[int | None, typer.Option(help="Rendezvous port on the main machine")] = None,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="Let the recipe's predicate filters run the "
                                                                   "Python functions they name")] = False,
+    storage: StorageOpt = None,
 ):
     """Train a recipe end to end (or resume a run), recording everything in the ledger."""
     import shlex
@@ -42,9 +43,11 @@ def run(
     if recipe is None and resume is None:
         raise LmlabError("lmlab run: give a recipe file, or --resume RUN_ID")
     set_ = [*(set_ or []), *(["data.allow_code=true"] if allow_code else []),
-            *([f"run.output_dir={output_dir}"] if recipe is not None and output_dir is not None else [])]
+            *([f"run.output_dir={output_dir}"] if recipe is not None and output_dir is not None else []),
+            *([f"run.storage={storage}"] if storage is not None else [])]
     if recipe is None:  # the recipe the run started with; --set may change e.g. grad_accum for another world size
-        r, resume_from = resume_recipe(resume, output_dir=output_dir, overrides=set_)
+        # (with --storage / $LMLAB_STORAGE: pulled from storage first when it holds a newer checkpoint)
+        r, resume_from = resume_recipe(resume, output_dir=output_dir, overrides=set_, storage=storage)
     else:
         r, resume_from = load_recipe(recipe, set_), resume
     if distributed.needs_launch(r.distributed, nproc, nodes):
@@ -84,8 +87,10 @@ def runs(
     lineage: Annotated[str | None, typer.Option("--lineage", help="Show this run's chain instead: its ancestors and descendants linked by model.init_from")] = None,
     sweep: Annotated[str | None, typer.Option("--sweep", help="Show this sweep's trials instead: one row per trial, best first")] = None,
     fmt: FormatOpt = "table",  # type: ignore[assignment]
+    storage: StorageOpt = None,
 ):
-    """List runs: name, status, key hyperparameters, best validation loss, duration.
+    """List runs: name, status, key hyperparameters, best validation loss, duration; with --storage (or
+    $LMLAB_STORAGE) also the runs there that this workspace lacks.
 
     val loss is nats per validation token (compare this one across tools); val nats/char is lmlab's summed NLL over
     every validation token ÷ characters (one per document separator), not the Mainrun challenge's evaluate()."""
@@ -106,7 +111,9 @@ def runs(
         console.print(lineage_table(run_lineage(lineage, uri, output_dir=output_dir), focus=lineage))
         return
 
-    rows = list_runs(uri=uri, output_dir=output_dir, name=name, limit=limit)
+    from lmlab.workspace.storage import storage_url
+
+    rows = list_runs(uri=uri, output_dir=output_dir, name=name, limit=limit, storage=storage_url(storage))
     if not rows and fmt.value == "table":
         console.print("no runs yet", markup=False)
         return

@@ -24,6 +24,7 @@ from lmlab.recipe.judge import JudgeConfig
 from lmlab.recipe.pair import PairConfig
 from lmlab.recipe.paths import resolve_data_path, resolve_model_path
 from lmlab.recipe.section import Section
+from lmlab.recipe.storage import credential_paths, url_problem
 from lmlab.recipe.sweep import SweepConfig
 
 
@@ -41,6 +42,27 @@ class RunConfig(Section):
         "(relative to the current directory)"
     )
     notes: str = Field("", description="Free text stored with the run")
+    storage: str | None = Field(
+        None, description="Mirror the run's checkpoints and ledger record here while it trains, to resume it on "
+        "another machine: an fsspec URL (s3://bucket/prefix for AWS S3, MinIO, R2; gs://, az://, file://). Also "
+        "--storage or $LMLAB_STORAGE. Credentials come from the environment / profile chain, never from here"
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of the storage's fsspec filesystem, e.g. s3fs endpoint_url, "
+        "client_kwargs: {region_name: auto}, config_kwargs; no credentials (the recipe is recorded with the run)"
+    )
+
+    @model_validator(mode="after")
+    def _no_credentials_in_storage(self) -> RunConfig:
+        problem = url_problem(self.storage) if self.storage is not None else None
+        if problem:
+            raise ValueError(f"storage: {problem}")
+        secrets = credential_paths(self.storage_options)
+        if secrets:
+            raise ValueError(f"storage_options: {', '.join(secrets)} would be recorded with the run; credentials come "
+                             "from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                             "GOOGLE_APPLICATION_CREDENTIALS, ...): remove them")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -20,7 +20,7 @@ from lmlab.recipe.alerts import AlertsConfig
 
 @dataclass(frozen=True)
 class Alert:
-    kind: str  # spike, overfitting, nonfinite, warmup, early_stop
+    kind: str  # spike, overfitting, nonfinite, warmup, early_stop, storage
     step: int  # optimizer step it was raised at (0 = before training)
     message: str
 
@@ -161,6 +161,10 @@ class Alerts:
         return self._raise("early_stop", step, f"early stopping at step {step}: {self.best_metric} has not "
                            f"improved for {patience} eval{'s' if patience > 1 else ''} (best {self._best:.4f} at step "
                            f"{self._best_step})")
+
+    def storage_behind(self, step: int, message: str) -> Alert:
+        """The run's storage fell behind: an upload failed every try (training goes on; lmlab.workspace.mirror)."""
+        return self._raise("storage", step, message)[0]
 
     def counts(self) -> dict[str, int]:
         """{'alerts/spike': 2, ...}: the per-kind totals the loop logs as metrics."""

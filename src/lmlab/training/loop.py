@@ -47,13 +47,16 @@ from lmlab.workspace.layout import (
     TAG_PARENT_RUN,
     TAG_PAUSED,
     TAG_RUN_DIR,
+    TAG_STORAGE_BEHIND,
     TAG_TASK,
     prune,
     read_meta,
 )
 from lmlab.workspace.layout import run_dir as layout_run_dir
 from lmlab.workspace.ledger import MlflowLedger, NullLedger, recipe_params, tracking_uri
+from lmlab.workspace.mirror import NoMirror, open_mirror
 from lmlab.workspace.resolve import latest_checkpoint, resolve_init_from, resolve_run_dir
+from lmlab.workspace.storage import pull_for_resume, storage_url
 
 
 @dataclass
@@ -83,6 +86,8 @@ class OpenedRun:
     resume_from: Path | None = None
     finished: bool = False  # ended in the ledger (FINISHED, FAILED or KILLED)
     notes: list[str] = field(default_factory=list)  # e.g. checkpoints skipped on resume, and why
+    mirror: Any = field(default_factory=NoMirror)  # uploads checkpoints and the ledger record to run.storage
+    alerts: Any = None  # the loop's Alerts, once it has them (storage falling behind is one)
 
 
 @dataclass
@@ -137,7 +142,9 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
     run = open_run(recipe, resume, main=main, world=world, tags=tags)
     ledger, run_id, run_dir = run.ledger, run.run_id, run.run_dir
     stop = StopRequest()
-    with ends_in_the_ledger(run), stop.catching():  # whatever happens next, the run ends FINISHED/FAILED/KILLED
+    state = LoopState()
+    # whatever happens next, the run ends FINISHED/FAILED/KILLED, then its storage gets what is still queued
+    with mirrored(run, out, state), ends_in_the_ledger(run), stop.catching():
         torch.manual_seed(seed)  # seeded before the model is built: initial weights depend on run.seed only
         prep = prepare(recipe, tokenizer_dir=run.resume_from)
         task, model, tokenizer = prep.task, prep.model, prep.tokenizer
@@ -151,8 +158,8 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
         if recipe.run.task == "lm":
             derived["derived.tokens_per_step"] = sizes.per_step * recipe.model.block_size
         out.start(recipe, run_id, run_dir, derived)
-        alerts = Alerts(recipe.alerts, sizes.total_steps, sizes.warmup, best_metric=recipe.eval.best_metric,
-                        best_mode=recipe.eval.best_mode)
+        alerts = run.alerts = Alerts(recipe.alerts, sizes.total_steps, sizes.warmup,
+                                     best_metric=recipe.eval.best_metric, best_mode=recipe.eval.best_mode)
         for line in prep.notes:
             out.note(line)
 
@@ -169,7 +176,6 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
         if t.compile:
             model = torch.compile(model)
 
-        state = LoopState()
         if run.resume_from is not None:
             restore_state(state, run.resume_from, prep, sizes, accelerator, model, optimizer, scheduler, groups, t)
             for line in run.notes:
@@ -203,6 +209,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
             path = ckpt.save_checkpoint(run_dir, step, model=saved_model, tokenizer=tokenizer,
                                         meta=meta, recipe_yaml=recipe.to_yaml(), files=prep.checkpoint_files,
                                         optimizer=saved_optimizer, scheduler=scheduler)
+            run.mirror.checkpoint_saved(path, state.best_path)  # snapshotted and queued; uploads in the background
             prune(run_dir, recipe.checkpoint.keep_last, state.best_path if recipe.checkpoint.keep_best else None)
             return path
 
@@ -277,6 +284,7 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
                 window["loss_tokens"] += loss_tokens * world
                 out.advance(step, step_loss, scheduler.get_last_lr()[0])
                 report_alerts(alerts.on_train(step, step_loss), step)
+                report_storage(run, out, step)
 
                 if step % t.log_every == 0 or step == sizes.total_steps:
                     dt = time.perf_counter() - window["t0"]
@@ -339,6 +347,44 @@ def train(recipe: Recipe, *, resume: str | Path | None = None, stop_after_steps:
 
 
 @contextmanager
+def mirrored(run: OpenedRun, out: Any, state: LoopState):
+    """At the end of a run with storage (finished, paused by SIGTERM / Ctrl-C, failed): the ledger record with its
+    final status is queued and every queued upload is waited for, with a progress bar. A Ctrl-C here stops
+    uploading; storage stays consistent (a checkpoint there is complete iff its manifest is)."""
+    try:
+        yield
+    finally:
+        mirror = run.mirror
+        if mirror.active:
+            mirror.record_changed()
+            try:
+                with out.uploading(mirror.store.where(run.run_id)) as bar:
+                    mirror.drain(bar)
+            except KeyboardInterrupt:
+                mirror.abandon()
+                out.note(f"uploads interrupted; lmlab push {run.run_id[:8]} --storage URL uploads the rest")
+                raise
+            report_storage(run, out, state.step)
+            out.note(mirror.summary())
+
+
+def report_storage(run: OpenedRun, out: Any, step: int) -> None:
+    """Storage that fell behind (an upload failed every try) is an alert and the tag storage.behind, while training
+    goes on; the tag goes when storage catches up."""
+    for event in run.mirror.events():
+        if event.behind:
+            out.alert(event.message)
+            run.ledger.set_tags({TAG_STORAGE_BEHIND: event.message})
+            if run.alerts is not None:
+                run.alerts.storage_behind(step, event.message)
+                run.ledger.log_metrics(run.alerts.counts(), step)
+                run.ledger.log_dict(run.alerts.to_dict(), "alerts.json")
+        else:
+            run.ledger.delete_tag(TAG_STORAGE_BEHIND)
+            out.note(event.message)
+
+
+@contextmanager
 def ends_in_the_ledger(run: OpenedRun):
     """A run registered in the ledger never stays RUNNING: an error ends it FAILED with its reason, an interrupt
     outside the loop (the loop pauses by itself) KILLED; the exception goes on to the caller."""
@@ -375,8 +421,19 @@ def weights_finite(model: torch.nn.Module) -> bool:
 def open_run(recipe: Recipe, resume: str | Path | None, *, main: bool, world: int,
              tags: dict[str, str] | None = None) -> OpenedRun:
     """A new ledger run, or the one being resumed (its id, folder and newest checkpoint). Every process gets
-    the same run id; only the main process writes to the ledger."""
+    the same run id; only the main process writes to the ledger. With run.storage (or $LMLAB_STORAGE) the storage
+    is checked first (one clear error before anything starts), a resume pulls a newer checkpoint from it, and the
+    main process mirrors the run there."""
     check_writable(recipe.run.output_dir)
+    url = storage_url(recipe.run.storage)
+    if url != recipe.run.storage:
+        recipe.run.storage = url  # from $LMLAB_STORAGE: recorded with the run like any recipe field
+    mirror = open_mirror(url, recipe.run.storage_options, keep_last=recipe.checkpoint.keep_last,
+                         keep_best=recipe.checkpoint.keep_best, check_only=not main)
+    if resume is not None and url and main and world == 1:  # several processes: `lmlab run` pulled before launching
+        ref = Path(resume).name if Path(resume).is_dir() else str(resume)
+        pull_for_resume(url, ref, output_dir=recipe.run.output_dir, uri=recipe.ledger.uri,
+                        options=recipe.run.storage_options)
     resume_from, notes, changes = None, [], {}
     if resume is not None:
         run_id, run_dir, _ = resolve_run_dir(resume, output_dir=recipe.run.output_dir, uri=recipe.ledger.uri)
@@ -397,7 +454,10 @@ def open_run(recipe: Recipe, resume: str | Path | None, *, main: bool, world: in
         ledger.set_tags({f"lmlab.resumed_at_step_{step}.changes": "; ".join(
             f"{k}: {old} → {new}" for k, (old, new) in changes.items())})
         notes.append("changed on resume: " + ", ".join(f"{k} {old} → {new}" for k, (old, new) in changes.items()))
-    return OpenedRun(run_id, layout_run_dir(recipe.run.output_dir, run_id), ledger, resume_from, notes=notes)
+    opened = OpenedRun(run_id, layout_run_dir(recipe.run.output_dir, run_id), ledger, resume_from, notes=notes,
+                       mirror=mirror)
+    mirror.attach(run_id, opened.run_dir, getattr(ledger, "uri", None))
+    return opened
 
 
 def check_writable(output_dir: str) -> None:
@@ -418,7 +478,7 @@ def check_writable(output_dir: str) -> None:
 # would make the continuation another run.
 RESUMABLE_CHANGES = ("train.lr", "train.min_lr", "train.max_steps", "train.epochs", "train.log_every",
                      "train.num_threads", "train.compile", "train.fused", "train.batch_size", "train.grad_accum",
-                     "eval.", "checkpoint.", "alerts.", "ledger.", "run.name", "run.notes", "run.output_dir",
+                     "eval.", "checkpoint.", "alerts.", "ledger.", "run.name", "run.notes", "run.output_dir", "run.storage",
                      "distributed.", "generation.", "judge.")
 
 
@@ -433,7 +493,7 @@ def resume_changes(checkpoint: Path, recipe: Recipe) -> dict[str, tuple[Any, Any
         shown = ", ".join(f"{k} ({changed[k][0]} → {changed[k][1]})" for k in refused)
         raise LmlabError(f"--resume: {shown} changed since the checkpoint; that changes the model or the data, so it "
                          "would be another run: restore the value(s) or start a new run")
-    return {k: v for k, v in changed.items() if not k.startswith(("run.output_dir", "ledger."))}
+    return {k: v for k, v in changed.items() if not k.startswith(("run.output_dir", "ledger.", "run.storage"))}
 
 
 def derive_sizes(recipe: Recipe, n_items: int, world: int) -> Sizes:
@@ -476,7 +536,8 @@ def restore_state(state: LoopState, checkpoint: Path, prep: Any, sizes: Sizes, a
     ckpt.set_rng_state(saved["rng"])
     state.step, state.best_value = meta["step"], meta.get("best_value")
     state.tokens_seen, state.loss_tokens_seen = meta.get("tokens_seen", 0), meta.get("loss_tokens_seen", 0)
-    state.best_path = Path(meta["best_checkpoint"]) if meta.get("best_checkpoint") else None
+    # the best checkpoint by name beside this one: the run may have moved (another workspace, another machine)
+    state.best_path = checkpoint.parent / Path(meta["best_checkpoint"]).name if meta.get("best_checkpoint") else None
 
 
 def record_provenance(ledger: Any, recipe: Recipe, run_dir: Path, prep: Any, derived: dict[str, Any],
@@ -546,16 +607,22 @@ def finish_run(run: OpenedRun, recipe: Recipe, state: LoopState, status: str, re
 
 
 def resume_run(run_id: str, *, output_dir: str | None = None, overrides: list[str] | dict | None = None,
-               **kwargs) -> TrainResult:
+               storage: str | None = None, **kwargs) -> TrainResult:
     """Continue a run from its last checkpoint with the recipe it was started with. `overrides` (--set) may
-    change how it runs, e.g. train.grad_accum to keep the global batch with another number of processes."""
-    recipe, run_dir = resume_recipe(run_id, output_dir=output_dir, overrides=overrides)
+    change how it runs, e.g. train.grad_accum to keep the global batch with another number of processes.
+    `storage` (or $LMLAB_STORAGE): pull the run from there first when it holds a newer checkpoint (a fresh machine)."""
+    recipe, run_dir = resume_recipe(run_id, output_dir=output_dir, overrides=overrides, storage=storage)
     return train(recipe, resume=run_dir, **kwargs)
 
 
-def resume_recipe(run_id: str, *, output_dir: str | None = None,
-                  overrides: list[str] | dict | None = None) -> tuple[Recipe, Path]:
-    """The recipe a run was started with (plus `overrides`) and the run's folder."""
+def resume_recipe(run_id: str, *, output_dir: str | None = None, overrides: list[str] | dict | None = None,
+                  storage: str | None = None) -> tuple[Recipe, Path]:
+    """The recipe a run was started with (plus `overrides`) and the run's folder, pulled from `storage` (or
+    $LMLAB_STORAGE) first when that holds a newer checkpoint than the workspace."""
+    url = storage_url(storage)
+    if url:
+        pulled = pull_for_resume(url, run_id, output_dir=output_dir or DEFAULT_WORKSPACE)
+        run_id = pulled.run_id if pulled is not None else run_id
     _, run_dir, _ = resolve_run_dir(run_id, output_dir=output_dir or DEFAULT_WORKSPACE)
     recipe_file = latest_checkpoint(run_dir) / "recipe.yaml"
     recipe = load_recipe(recipe_file, overrides)
@@ -563,6 +630,8 @@ def resume_recipe(run_id: str, *, output_dir: str | None = None,
     recipe.source_path = read_meta(recipe_file.parent).get("recipe_source")
     # the run goes on in the workspace it lives in (checkpoints and ledger rows), wherever it was started from
     recipe.run.output_dir = str(run_dir.parent.parent)
+    if storage:
+        recipe.run.storage = storage
     return recipe, run_dir
 
 

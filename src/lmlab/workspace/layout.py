@@ -6,6 +6,7 @@ run's files are.
       mlartifacts/                   the ledger's artifacts
       runs/<run id>/checkpoints/step-0000120/   checkpoint folders (lmlab.models.checkpoint writes them)
       feedback.jsonl                 ratings given in `lmlab playground` (lmlab.workspace.feedback)
+    <storage>/runs/<run id>/...      the same run folder mirrored to object storage (lmlab.workspace.storage)
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ TAG_PAUSED = "lmlab.paused_at_step"
 TAG_FAILURE = "lmlab.failure_reason"
 TAG_PARENT_RUN = "lmlab.parent_run"
 TAG_PARENT_CHECKPOINT = "lmlab.parent_checkpoint"
+TAG_STORAGE_BEHIND = "storage.behind"  # set while the run's storage lacks its newest checkpoint (uploads failing)
+
+# a run in object storage (run.storage) mirrors its workspace folder:
+#   <storage>/runs/<run id>/checkpoints/step-0000120/...   the files first, manifest.json last
+#   <storage>/runs/<run id>/ledger/run.json                 the run's ledger record (lmlab.workspace.run_record)
+#   <storage>/runs/<run id>/ledger/artifacts/...            its ledger artifacts
+RECORD = "ledger"
+RECORD_FILE = "run.json"
+UPLOADING = ".uploading"  # <run dir>/.uploading/step-N: hard-linked snapshots of checkpoints being uploaded
 
 
 def tracking_env_set() -> bool:  # noqa: N802 - reads like the constant it checks

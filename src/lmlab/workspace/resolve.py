@@ -5,6 +5,9 @@ eval, inspect-predictions, --resume) and `model.init_from` goes through `resolve
     a run folder                     .../runs/<id>            → its best (or last) checkpoint
     a run id, or a unique prefix     3f2a9c1e                 → looked up in the workspace, then the ledger
     run:<id>[:best|:last]            run:3f2a9c1e:last        (model.init_from's spelling)
+
+A run that is neither in the workspace nor in its ledger is pulled from storage (`storage`, else $LMLAB_STORAGE)
+when one is set: the checkpoint asked for, verified after the download, and the run's ledger record.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 from lmlab.workspace import layout
 from lmlab.workspace.ledger import find_run
 from lmlab.workspace.manifest import checkpoint_problem, has_manifest
+from lmlab.workspace.storage import pull, storage_url
 
 Which = Literal["best", "last"]
 
@@ -46,10 +50,11 @@ def parse_run_spec(ref: str) -> tuple[str, Which | None]:
 
 
 def resolve(ref: str | Path, *, output_dir: str | Path | None = None, uri: str | None = None, which: Which = "best",
-            base: Path | None = None, field: str = "run") -> Resolved:
+            base: Path | None = None, field: str = "run", storage: str | None = None) -> Resolved:
     """A run or checkpoint reference → the checkpoint to load (the run's best by eval.best_metric, or its last),
     with the run's id, folder and ledger. `base`: the folder relative paths are read from (a recipe's folder);
-    `field`: what error messages name ('model.init_from', '--resume', ...)."""
+    `field`: what error messages name ('model.init_from', '--resume', ...); `storage`: where to pull a run from that
+    is not here (default $LMLAB_STORAGE)."""
     output_dir = Path(output_dir if output_dir is not None else DEFAULT_WORKSPACE)
     text, spec_which = parse_run_spec(str(ref))
     which = spec_which or which
@@ -59,7 +64,18 @@ def resolve(ref: str | Path, *, output_dir: str | Path | None = None, uri: str |
             return _resolve_folder(path.resolve(), which, field)
         if base is not None and Path(text).is_dir():
             return _resolve_folder(Path(text).resolve(), which, field)
-    run_id, run_dir, ledger = _find_run_dir(text, output_dir, uri, field)
+    try:
+        run_id, run_dir, ledger = _find_run_dir(text, output_dir, uri, field)
+    except LmlabError as missing:
+        url = storage_url(storage)
+        if url is None:
+            raise
+        try:
+            pulled = pull(url, text, output_dir=output_dir, uri=uri, which=which)
+        except LmlabError as e:
+            raise LmlabError(f"{missing} (and from storage: {e})") from None
+        return Resolved(pulled.checkpoint, pulled.run_id, pulled.run_dir, pulled.ledger_uri,
+                        [f"pulled from storage: {', '.join(pulled.downloaded) or 'nothing new'}", *pulled.notes])
     notes: list[str] = []
     return Resolved(_pick(run_dir, which, run_id, field, notes), run_id, run_dir, ledger, notes)
 
