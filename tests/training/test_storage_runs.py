@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,32 @@ def test_an_endpoint_that_stops_answering_mid_run_alerts_tags_and_training_goes_
     assert [a["kind"] for a in _alerts(row.run_id)["alerts"]] == ["storage"]
     grid = runs_grid([row])
     assert [c.values[0] for c in grid.columns if c.key == "storage"] == ["behind"]
+
+
+@pytest.mark.slow
+def test_sigterm_pauses_and_the_run_drains_its_uploads_before_it_exits(tmp_path, monkeypatch):
+    monkeypatch.delenv("LMLAB_STORAGE", raising=False)
+    with s3_server(monkeypatch) as server:
+        url = server.url("preempted")
+        recipe = tmp_path / "recipe.yaml"  # no save before the end: the only checkpoint is the one SIGTERM makes
+        recipe.write_text(yaml.safe_dump(tiny_lm(train__max_steps=400, eval__every_steps=1000)))
+        proc = lmlab_child(["run", str(recipe), "-q", "--storage", url], tmp_path)
+        workspace = tmp_path / "lmlab-runs"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # wait until it trains (a logged step), then preempt it
+            rows = list_runs(output_dir=str(workspace)) if (workspace / "mlflow.db").exists() else []
+            if rows and "train/loss" in rows[0].metrics:
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        (row,) = list_runs(output_dir=str(workspace))
+        step = int(row.tags["lmlab.paused_at_step"])
+        assert row.status == "PAUSED" and 0 < step < 400
+        assert Store(url).complete(row.run_id) == [f"step-{step:07d}"]
+        record = json.loads(server.read(f"preempted/runs/{row.run_id}/ledger/run.json"))
+        assert record["status"] == "KILLED" and record["tags"]["lmlab.paused_at_step"] == str(step)
 
 
 def _alerts(run_id: str) -> dict:

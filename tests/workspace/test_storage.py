@@ -214,6 +214,12 @@ def test_push_uploads_a_local_run_after_the_fact_once(mirrored, monkeypatch, cap
     assert code == 0 and "0 checkpoint(s) uploaded (storage had them)" in out
 
 
+def test_where_a_run_is_stored_is_no_difference_between_runs():
+    from lmlab.analysis.compare import is_bookkeeping
+
+    assert all(is_bookkeeping(k) for k in ("run.storage", "run.storage_options", "run.storage_options.endpoint_url"))
+
+
 @pytest.fixture
 def storage_files(mirrored, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

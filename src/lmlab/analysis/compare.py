@@ -26,7 +26,8 @@ from lmlab.workspace.runs import RunRow, list_runs
 
 # Recipe fields that label, file or watch a run but cannot change what it learns: never a "difference".
 # (alerts.early_stop_* can end a run early, so they stay. judge.* settings are logged with each judge result.)
-BOOKKEEPING = ("run.name", "run.notes", "run.output_dir", "ledger.", "checkpoint.", "train.log_every", "judge.",
+BOOKKEEPING = ("run.name", "run.notes", "run.output_dir", "run.storage", "run.storage_options",
+               "run.storage_options.", "ledger.", "checkpoint.", "train.log_every", "judge.",
                "generation.",  # how generate decodes the model later
                "alerts.spike_mad_k", "alerts.spike_window", "alerts.overfit_patience", "alerts.warmup_warn_fraction")
 # Derived values worth a column when they differ (a LoRA rank changes the trainable count, a batch the steps).
