@@ -162,6 +162,12 @@ def test_the_runs_table_shows_what_differs_and_folds_the_rest():
     shown = [c.key for c in summary_grid(table).columns]
     assert shown == ["run_id", "name", "train.p1", "train.p2", "train.p3", "train.p4", "train.p5", "train.p6",
                      "best/val/loss"]  # equal status / params left out, at most 6 params, key metrics kept
+    # runs that differ everywhere (an SFT run beside a from-scratch one): the model and optimiser settings first
+    keys = ["run.seed", "data.path", "data.max_examples", "model.pretrained", "model.n_layer", "model.n_head",
+            "model.d_model", "adapter.kind", "train.lr", "train.min_lr", "train.weight_decay"]
+    wide = Comparison(cols[:2] + [Column(k, k, ["a", "b", "c"], "param") for k in keys])
+    assert [c.key for c in summary_grid(wide).columns] == ["run_id", "name", "run.seed", "model.n_layer", "model.n_head",
+                                                           "adapter.kind", "train.lr", "train.min_lr"]
     html = runs_tables_html(table)
     assert html.index('<table class="compare">') < html.index("<details>") < html.index('<table class="compare-full">')
     assert "3 more differing hyperparameters are in the full table" in html and "what the columns mean" in html

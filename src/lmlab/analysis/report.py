@@ -294,17 +294,31 @@ KEY_COLUMNS = ("run_id", "name", "best/val/loss", "val/loss_per_char", "val/accu
                "train/mean_tokens_per_s", "train/mean_loss_tokens_per_s")
 
 
+# which differing hyperparameters the summary shows first: what shapes the model and the optimisation, at most
+# SUMMARY_PER_SECTION of a section before the next section gets a turn; the model column already names a pretrained one
+SUMMARY_SECTIONS = ("model.", "adapter.", "train.", "run.", "data.", "tokenizer.", "eval.", "derived.")
+SUMMARY_PER_SECTION = 2
+
+
 def summary_grid(table: Comparison) -> Grid:
-    """The columns that differ between the runs (info and hyperparameters, the first SUMMARY_PARAMS of those)
-    plus the key ones (run, name, best val loss, nats/char, accuracy, duration, throughput), in table order."""
-    cols, params = [], 0
-    for c in table.columns:
-        differs = len({str(v) for v in c.values}) > 1
-        if c.key in KEY_COLUMNS or (c.kind == "info" and differs):
-            cols.append(c)
-        elif c.kind == "param" and differs and params < SUMMARY_PARAMS:
-            cols.append(c)
-            params += 1
+    """The columns that differ between the runs (info columns, and SUMMARY_PARAMS hyperparameters picked by
+    SUMMARY_SECTIONS) plus the key ones (run, name, best val loss, nats/char, accuracy, duration, throughput),
+    in table order."""
+    def differs(c) -> bool:
+        return len({str(v) for v in c.values}) > 1
+
+    def section(c) -> int:
+        return next((i for i, p in enumerate(SUMMARY_SECTIONS) if c.key.startswith(p)), len(SUMMARY_SECTIONS))
+
+    params = sorted((c for c in table.columns if c.kind == "param" and differs(c) and c.key != "model.pretrained"),
+                    key=section)  # stable: table order within a section
+    picked: list = []
+    for c in params:  # first pass: a few of each section, in priority order
+        if len(picked) < SUMMARY_PARAMS and sum(section(p) == section(c) for p in picked) < SUMMARY_PER_SECTION:
+            picked.append(c)
+    picked += [c for c in params if all(c is not p for p in picked)][:SUMMARY_PARAMS - len(picked)]
+    cols = [c for c in table.columns
+            if c.key in KEY_COLUMNS or (c.kind == "info" and differs(c)) or any(c is p for p in picked)]
     return Grid(cols, caption=table.caption)
 
 
