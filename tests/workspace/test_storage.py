@@ -214,6 +214,19 @@ def test_push_uploads_a_local_run_after_the_fact_once(mirrored, monkeypatch, cap
     assert code == 0 and "0 checkpoint(s) uploaded (storage had them)" in out
 
 
+def test_another_fsspec_protocol_goes_through_the_same_code(mirrored, tmp_path, monkeypatch, capsys):
+    run_id = mirrored["result"].run_id
+    url = (tmp_path / "nfs" / "runs").as_uri()  # file:///...
+    monkeypatch.chdir(mirrored["root"])
+    code, out, err = cli(["push", run_id, "--storage", url], capsys)
+    assert code == 0 and "2 checkpoint(s) uploaded" in out, err
+    assert (tmp_path / "nfs" / "runs" / "runs" / run_id / "ledger" / "run.json").is_file()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(["pull", run_id, "--storage", url], capsys)  # the best: step 12
+    assert code == 0, err
+    assert (layout.run_dir("lmlab-runs", run_id) / "checkpoints" / "step-0000012" / MANIFEST).is_file()
+
+
 def test_where_a_run_is_stored_is_no_difference_between_runs():
     from lmlab.analysis.compare import is_bookkeeping
 

@@ -233,8 +233,9 @@ class Store:
         """Download a complete checkpoint to `dest` (a folder name under a run's checkpoints/), verify it against
         its manifest and move it into place; None, or what is wrong with it (then nothing is left behind)."""
         src = self.checkpoint_path(run_id, name)
+        for orphan in dest.parent.glob(f".tmp-pull-{name}-*"):  # left by a pull that was killed
+            shutil.rmtree(orphan, ignore_errors=True)
         tmp = dest.parent / f".tmp-pull-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
             raw = self.fs.cat_file(f"{src}/{MANIFEST}")
             files = json.loads(raw).get("files")
