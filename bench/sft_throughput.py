@@ -81,9 +81,10 @@ def run_lmlab(base: Path, packed: bool, steps: int, precision: str, out: Path) -
     })
     result = train(recipe, quiet=True)
     rows = [h for h in result.history if "train/tokens_per_s" in h]
-    seen = [0] + [int(h["train/tokens_seen"]) for h in rows]
-    tokens = [b - a for a, b in zip(seen, seen[1:], strict=False)]
-    seconds = [t / h["train/tokens_per_s"] for t, h in zip(tokens, rows, strict=True)]
+    seen = [0] + [int(h["train/tokens_seen"]) for h in rows]  # every token read (the rate's numerator)
+    with_loss = [0] + [int(h["train/loss_tokens_seen"]) for h in rows]  # effective: the ones with loss
+    seconds = [(b - a) / h["train/tokens_per_s"] for a, b, h in zip(seen, seen[1:], rows, strict=False)]
+    tokens = [b - a for a, b in zip(with_loss, with_loss[1:], strict=False)]
     return steady(tokens, seconds)
 
 
