@@ -29,6 +29,7 @@ from lmlab.data.packing import collate_padded
 from lmlab.data.pairs import records_to_pairs
 from lmlab.data.persona import load_persona_chat
 from lmlab.data.pipeline import load_named_tokenizer, source_name, split_data
+from lmlab.data.preference import tokenize_preference
 from lmlab.data.sft import IGNORE, PROMPT_TOO_LONG, TOO_LONG, pad_token_id, special_prefix, tokenize_sft
 from lmlab.data.sources import load_records
 from lmlab.data.templates import template_from_config
@@ -66,12 +67,13 @@ class RecipeData:
 
 def recipe_data(recipe: Recipe) -> RecipeData:
     """The recipe's data through the one pipeline training uses (lmlab.data.pipeline), tokenizer included."""
-    if recipe.run.task not in ("lm", "sft", "pair_classify"):
-        raise LmlabError(f"run.task: '{recipe.run.task}' is not known to data inspect; use lm, sft or pair_classify")
+    if recipe.run.task not in ("lm", "sft", "pair_classify", "dpo"):
+        raise LmlabError(f"run.task: '{recipe.run.task}' is not known to data inspect; use lm, sft, pair_classify "
+                         "or dpo")
     parent = resolve_init_from(recipe).checkpoint if recipe.model.init_from is not None else None
     data = split_data(recipe, tokenizer_dir=parent, load_tokenizer=lambda name: _load_tokenizer(recipe, name),
                       read_records=_load)
-    template = template_from_config(recipe.data, data.tokenizer) if recipe.run.task == "sft" else None
+    template = template_from_config(recipe.data, data.tokenizer) if recipe.run.task in ("sft", "dpo") else None
     return RecipeData(recipe, data.tokenizer, data.splits, data.fingerprints, data.info, data.filter_report,
                       template, _source_notes(recipe))
 
@@ -162,6 +164,8 @@ def inspect_data(recipe: Recipe, *, top_n: int = TOP_N, out_dir: Path | None = N
         ins = _inspect_lm(data, top_n)
     elif data.task == "sft":
         ins = _inspect_sft(data, top_n)
+    elif data.task == "dpo":
+        ins = _inspect_preference(data, top_n)
     else:
         ins = _inspect_pairs(data, top_n)
     ins.notes = data.notes + ins.notes
@@ -232,6 +236,35 @@ def _inspect_sft(data: RecipeData, top_n: int) -> DataInspection:
     train = examples.get("train", [])
     flat = [t for e in train for t in e["input_ids"]]
     targets = Counter(t for e in train for t in e["labels"] if t != IGNORE)
+    ins.top_tokens, ins.train_tokens = top_tokens(tok, flat, top_n, targets), len(flat)
+    return ins
+
+
+def _inspect_preference(data: RecipeData, top_n: int) -> DataInspection:
+    """task dpo: the pairs as the DPO task tokenizes them (prompt + chosen, prompt + rejected, loss on responses)."""
+    recipe, tok, template = data.recipe, data.tokenizer, data.template
+    cfg = recipe.data
+    ins = _base(data, {k: len(v) for k, v in data.splits.items()}, "data.max_length", cfg.max_length)
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for split, recs in data.splits.items():
+        if not recs:
+            continue
+        examples[split], report = tokenize_preference(recs, template, tok, cfg, recipe.dpo,
+                                                      source=f"{source_name(recipe)} ({split} split)")
+        ins.notes += [f"{split}: {line}" for line in report.lines()]
+        cut = report.truncated_chosen + report.truncated_rejected
+        ins.over_limit[split] = {"examples": len(recs), "over": cut, "share": cut / (2 * len(recs)),
+                                 "what": "responses truncated to max_length (chosen + rejected)"}
+    every = [e for exs in examples.values() for e in exs]
+    for side in ("chosen", "rejected"):
+        ins.fields.append(FieldLengths(f"prompt + {side} (tokens)", [len(e[f"{side}_ids"]) for e in every],
+                                       cfg.max_length))
+        ins.fields.append(FieldLengths(f"{side} response (loss tokens)",
+                                       [sum(t != IGNORE for t in e[f"{side}_labels"]) for e in every]))
+    ins.unknown = unknown_tokens(tok, [e[f"{side}_ids"] for e in every for side in ("chosen", "rejected")])
+    train = examples.get("train", [])
+    flat = [t for e in train for t in e["chosen_ids"]]
+    targets = Counter(t for e in train for t in e["chosen_labels"] if t != IGNORE)
     ins.top_tokens, ins.train_tokens = top_tokens(tok, flat, top_n, targets), len(flat)
     return ins
 
