@@ -92,19 +92,19 @@ def resolve_run_dir(ref: str | Path, *, output_dir: str | Path | None = None, ur
 
 def latest_checkpoint(run_dir: Path, field: str = "--resume", notes: list[str] | None = None) -> Path:
     """The run's newest checkpoint that verifies (what a resume continues from); skipped ones go to `notes`."""
-    return _pick(run_dir, "last", run_dir.name, field, notes if notes is not None else [])
+    return _pick(run_dir, "last", run_dir.name, field, notes if notes is not None else [], for_resume=True)
 
 
-def checkpoint_unusable(path: Path) -> str | None:
+def checkpoint_unusable(path: Path, *, for_resume: bool = False) -> str | None:
     """Why a checkpoint folder cannot be used — its manifest does not verify, it has no model config, its
-    meta.json is missing or not JSON — or None. A folder without a manifest (written before manifests existed) is
-    usable, but unverified."""
+    meta.json is not JSON (or, to resume from, is missing, as is its optimizer state) — or None. A folder without
+    a manifest (written before manifests existed, or by hand) is usable, but unverified."""
     problem = checkpoint_problem(path)
     if problem is not None:
         return problem
     if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
         return "config.json / adapter_config.json missing"
-    if (path / "recipe.yaml").is_file() or (path / "meta.json").exists():  # an lmlab checkpoint: meta.json needed
+    if (path / "meta.json").exists() or for_resume:
         try:
             meta = layout.read_meta(path)
         except FileNotFoundError:
@@ -113,6 +113,8 @@ def checkpoint_unusable(path: Path) -> str | None:
             return "meta.json is not readable JSON"
         if not isinstance(meta, dict):
             return "meta.json is not a JSON object"
+    if for_resume and not any((path / f).is_file() for f in ("trainer_state.json", "trainer_state.pt")):
+        return "optimizer state missing (trainer_state.*; checkpoint.save_optimizer false?)"
     return None
 
 
@@ -159,7 +161,8 @@ def _find_run_dir(run_id: str, output_dir: Path, uri: str | None, field: str) ->
                      "folder instead")
 
 
-def _pick(run_dir: Path, which: Which, run_id: str | None, field: str, notes: list[str]) -> Path:
+def _pick(run_dir: Path, which: Which, run_id: str | None, field: str, notes: list[str], *,
+          for_resume: bool = False) -> Path:
     """The run's newest checkpoint that verifies ("last"), or its best: the one that checkpoint's meta.json names
     as best, if it verifies too. Every checkpoint skipped on the way is noted with what failed."""
     found = layout.list_checkpoints(run_dir)
@@ -167,7 +170,7 @@ def _pick(run_dir: Path, which: Which, run_id: str | None, field: str, notes: li
         raise LmlabError(f"{field}: run {(run_id or run_dir.name)[:8]} saved no checkpoint in {run_dir}; nothing to load")
     newest = None
     for path in reversed(found):
-        problem = checkpoint_unusable(path)
+        problem = checkpoint_unusable(path, for_resume=for_resume)
         if problem is None:
             newest = path
             break
