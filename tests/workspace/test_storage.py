@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -173,13 +174,21 @@ def test_a_fresh_workspace_lists_pulls_and_resolves_a_run_from_storage(mirrored,
     assert "mirrored" in out
 
 
-def test_generate_takes_a_run_that_is_only_in_storage(mirrored, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command, how", [("generate", "env"), ("generate", "option"), ("export", "option")])
+def test_generate_and_export_take_a_run_that_is_only_in_storage(mirrored, tmp_path, monkeypatch, capsys, command, how):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LMLAB_STORAGE", mirrored["url"])
-    code, out, err = cli(["generate", mirrored["result"].run_id[:8], "--prompt", "Show HN", "--max-new-tokens", "4",
-                          "--no-log"], capsys)
+    monkeypatch.delenv("LMLAB_STORAGE", raising=False)
+    args = {"generate": ["--prompt", "Show HN", "--max-new-tokens", "4", "--no-log"],
+            "export": ["--out", str(tmp_path / "exported")]}[command]
+    if how == "env":
+        monkeypatch.setenv("LMLAB_STORAGE", mirrored["url"])
+    else:
+        args += ["--storage", mirrored["url"]]
+    code, out, err = cli([command, mirrored["result"].run_id[:8], *args], capsys)
     assert code == 0, err
     assert (layout.run_dir("lmlab-runs", mirrored["result"].run_id) / "checkpoints" / "step-0000012").is_dir()
+    if command == "export":
+        assert (tmp_path / "exported" / "config.json").is_file()
 
 
 def test_a_corrupted_checkpoint_in_storage_is_skipped_for_the_one_before(mirrored, tmp_path, monkeypatch, capsys):
@@ -285,3 +294,28 @@ def test_a_storage_mistake_is_one_line_and_status_2(storage_files, monkeypatch, 
     assert len(lines) == 1 and lines[0].startswith("error: ") and first.format(**storage_files) in lines[0], err
     assert "Traceback" not in err and SECRET_KEY not in err + out and ACCESS_KEY not in err + out
     assert not (Path("lmlab-runs") / "mlflow.db").exists() or case.startswith(("pull", "push", "runs"))
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are Linux's")
+def test_uploads_run_below_the_training_threads_cpu_priority():
+    """The uploader lowers its own and fsspec's I/O thread's priority, never the caller's (the training loop's)."""
+    import threading
+
+    import fsspec.asyn
+
+    from lmlab.workspace.mirror import UPLOAD_NICENESS, _yield_cpu
+
+    fsspec.asyn.get_loop()  # fsspec's I/O thread, as an s3:// store starts it
+    seen: dict[str, int] = {}
+
+    def uploader():
+        _yield_cpu()
+        seen["uploader"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=uploader)
+    t.start()
+    t.join()
+    assert seen["uploader"] >= UPLOAD_NICENESS > before
+    assert os.getpriority(os.PRIO_PROCESS, fsspec.asyn.iothread[0].native_id) >= UPLOAD_NICENESS
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmlab.cli.app import app
-from lmlab.cli.options import SetOpt
+from lmlab.cli.options import SetOpt, StorageOpt, use_storage
 from lmlab.console import console, err_console
 from lmlab.errors import LmlabError
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
@@ -130,8 +130,10 @@ def inspect_predictions(
     template: Annotated[bool, typer.Option("--template", help="Render the text as a prompt of the run's SFT template")] = False,
     output_dir: Annotated[str, typer.Option(help="Workspace holding the runs and the ledger")] = DEFAULT_WORKSPACE,
     out: Annotated[Path | None, typer.Option(help="Bar chart PNG (default <output_dir>/inspect/predictions-<run>.png)")] = None,
+    storage: StorageOpt = None,
 ):
     """Top-k next-token probabilities at each position of a text (or one), and a bar chart PNG."""
+    use_storage(storage)
     from lmlab.analysis.inspect_predictions import inspect_predictions as run_inspection
     from lmlab.analysis.inspect_predictions import predictions_table
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from lmlab.cli.app import app
-from lmlab.cli.options import BaseOpt, OutputDirOpt, RunRef
+from lmlab.cli.options import BaseOpt, OutputDirOpt, RunRef, StorageOpt, use_storage
 from lmlab.console import console, err_console
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 
@@ -35,8 +35,10 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="Prompts generated together")] = 8,
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not record the generations in the ledger")] = False,
     output_dir: OutputDirOpt = DEFAULT_WORKSPACE,
+    storage: StorageOpt = None,
 ):
     """Generate from a run with its own prompt template; stops at EOS and the template's end of turn."""
+    use_storage(storage)
     from lmlab.errors import LmlabError
     from lmlab.generation.decoding import generate_side_by_side
     from lmlab.generation.prompts import read_prompts
@@ -92,9 +94,11 @@ def export(
     tol_loss: Annotated[float | None, typer.Option(help="Largest allowed loss difference in nats")] = None,
     base: BaseOpt = None,
     output_dir: OutputDirOpt = DEFAULT_WORKSPACE,
+    storage: StorageOpt = None,
 ):
     """Write a run's best checkpoint as a standalone Hugging Face folder (adapter, or merged with --merge), or
     as one GGUF file (--gguf)."""
+    use_storage(storage)
     from lmlab.export.hf import MergeRejected, export_checkpoint
 
     if gguf:
@@ -156,8 +160,10 @@ def eval_json_command(
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not record the result in the ledger")] = False,
     base: BaseOpt = None,
     output_dir: OutputDirOpt = DEFAULT_WORKSPACE,
+    storage: StorageOpt = None,
 ):
     """Generate for a split and report how many outputs parse as JSON, match a schema and equal the reference."""
+    use_storage(storage)
     from lmlab.errors import LmlabError
     from lmlab.evaluation.json_check import eval_json
     from lmlab.models.loading import load_checkpoint
@@ -201,9 +207,11 @@ def eval_command(
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not record the result in the ledger")] = False,
     base: BaseOpt = None,
     output_dir: OutputDirOpt = DEFAULT_WORKSPACE,
+    storage: StorageOpt = None,
 ):
     """Evaluate a run's best checkpoint: --judge scores its generations with an LLM judge (mean, distribution,
     unparseable answers counted); answers are cached so a re-run asks the endpoint nothing new."""
+    use_storage(storage)
     from lmlab.errors import LmlabError
     from lmlab.evaluation.judge import judge_run
     from lmlab.models.loading import load_checkpoint

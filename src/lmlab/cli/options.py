@@ -22,10 +22,21 @@ BaseOpt = Annotated[str | None, typer.Option("--base", help="Adapter runs: load 
 StorageOpt = Annotated[str | None, typer.Option("--storage", help="Object storage holding runs: an fsspec URL such "
                                                  "as s3://bucket/prefix (default: $LMLAB_STORAGE); endpoint from "
                                                  "AWS_ENDPOINT_URL, credentials from the AWS environment / profile")]
+
+
+def use_storage(url: str | None) -> None:
+    """`--storage URL` on a command that reads runs (generate, serve, export, eval, ...): a run found neither in the
+    workspace nor in its ledger is pulled from there by the one resolver, as with $LMLAB_STORAGE."""
+    if url:
+        import os
+
+        os.environ["LMLAB_STORAGE"] = url
+
+
 # one output layer (lmlab.console.emit) behind every listing command: runs, compare, diff, plan
 OutputFormat = enum.Enum("OutputFormat", {f: f for f in FORMATS}, type=str)  # typer shows an Enum as a choice
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="table (a rich table on a "
                                         "terminal, plain columns in a pipe), csv (full keys, raw values) or json "
                                         "(one object per run: ids, status, params, metrics, paths)")]
 
-__all__ = ["FormatOpt", "OutputFormat", "DEFAULT_WORKSPACE", "BaseOpt", "Name", "OutputDir", "OutputDirOpt", "RunRef", "SetOpt", "StorageOpt", "Uri"]
+__all__ = ["FormatOpt", "OutputFormat", "DEFAULT_WORKSPACE", "BaseOpt", "Name", "OutputDir", "OutputDirOpt", "RunRef", "SetOpt", "StorageOpt", "Uri", "use_storage"]

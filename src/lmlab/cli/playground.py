@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lmlab.cli.app import app
-from lmlab.cli.options import BaseOpt, OutputDirOpt
+from lmlab.cli.options import BaseOpt, OutputDirOpt, StorageOpt, use_storage
 from lmlab.console import console, err_console
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 
@@ -32,9 +32,11 @@ def playground(
     ctx: Annotated[int, typer.Option("--ctx", min=0, help="--gguf: context length; 0 = the file's own")] = 0,
     max_tokens_cap: Annotated[int, typer.Option(min=1, help="Most new tokens one answer may ask for")] = 1024,
     output_dir: OutputDirOpt = DEFAULT_WORKSPACE,
+    storage: StorageOpt = None,
 ):
     """A web page that sends one conversation to every model and streams their answers side by side, with the
     runs' sampling presets and sliders; ratings go to <output-dir>/feedback.jsonl and each run's ledger."""
+    use_storage(storage)
     from lmlab.errors import LmlabError
     from lmlab.serve.access import MAX_COLUMNS, check_access, parse_auth
 

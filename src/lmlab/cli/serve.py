@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lmlab.cli.app import app
-from lmlab.cli.options import BaseOpt, OutputDirOpt
+from lmlab.cli.options import BaseOpt, OutputDirOpt, StorageOpt, use_storage
 from lmlab.console import console, err_console
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 
@@ -33,8 +33,10 @@ def serve(
     merge: Annotated[bool, typer.Option("--merge", help="Fold a LoRA adapter into its base (faster tokens)")] = False,
     base: BaseOpt = None,
     output_dir: OutputDirOpt = DEFAULT_WORKSPACE,
+    storage: StorageOpt = None,
 ):
     """Serve a model over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions."""
+    use_storage(storage)
     from lmlab.errors import LmlabError
     from lmlab.serve.app import base_url, bind_socket, create_app, serve_forever
     from lmlab.serve.backends import load_backend

@@ -199,6 +199,7 @@ class Mirror:
 
     # ---- the uploader thread
     def _work(self) -> None:
+        _yield_cpu()
         while True:
             with self._cond:
                 while not self._jobs and not self._closing:
@@ -268,6 +269,32 @@ class Mirror:
     def _event(self, event: StorageEvent) -> None:
         with self._cond:
             self._events.append(event)
+
+
+UPLOAD_NICENESS = 10  # the uploads' CPU priority below the training threads' (0): the loop keeps the cores
+
+
+def _yield_cpu() -> None:
+    """Lower the CPU priority of this thread (the uploader) and of fsspec's I/O thread, which runs the async
+    filesystems' (s3fs, gcsfs, adlfs) transfers, so that hashing, TLS and request handling for uploads take cores the
+    training threads leave idle instead of preempting them. Linux: the nice value is per thread; a thread that
+    fsspec starts later inherits it from the thread that starts it. Elsewhere, or when not permitted: a no-op."""
+    if not hasattr(os, "setpriority"):
+        return
+    tids = {threading.get_native_id()}
+    try:
+        import fsspec.asyn
+
+        io = fsspec.asyn.iothread[0]
+        if io is not None and io.native_id is not None:
+            tids.add(io.native_id)
+    except Exception:  # fsspec without its I/O thread (sync filesystems such as file://)
+        pass
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), UPLOAD_NICENESS))
+        except OSError:
+            pass
 
 
 def _hard_link_tree(src: Path, dest: Path) -> dict[str, int]:
