@@ -12,6 +12,7 @@ import yaml
 from helpers.recipes import tiny_lm
 
 from lmlab.analysis.sweep import sweep_table
+from lmlab.errors import LmlabError
 from lmlab.training.sweep import plan_sweep, run_sweep
 from lmlab.workspace.layout import ledger_uri
 from lmlab.workspace.runs import list_runs
@@ -102,6 +103,25 @@ def test_two_workers_finish_a_study_without_running_a_trial_twice(workspace):
     assert len(workers) == 2  # both processes took trials
     children = sweep_runs(outcome.name, ledger_uri("lmlab-runs")).trials
     assert sorted(c.tags[TAG_TRIAL] for c in children) == ["0", "1", "2", "3"]
+
+
+@pytest.mark.parametrize("error, line", [(LmlabError("data.path: file 'x.csv' not found"),
+                                          "worker 1: data.path: file 'x.csv' not found"),
+                                         (OSError(28, "No space left on device"),
+                                          "worker 1: OSError: [Errno 28] No space left on device")])
+def test_a_failing_worker_hands_its_reason_to_the_sweep(monkeypatch, error, line):
+    import queue
+
+    from lmlab.training import sweep as sweep_mod
+
+    def fails(plan, worker):
+        raise error
+
+    monkeypatch.setattr(sweep_mod, "work", fails)
+    errors = queue.SimpleQueue()
+    with pytest.raises(type(error)):
+        sweep_mod._worker_main(None, 1, errors)
+    assert errors.get_nowait() == line
 
 
 def test_a_killed_sweep_resumes_its_interrupted_trial_and_runs_each_trial_once(workspace):

@@ -634,8 +634,9 @@ def _update_parent(plan: SweepPlan, study: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
-def _worker_main(plan: SweepPlan, worker: int) -> None:
-    """A worker process: stops (releasing its trial) when the sweep process that started it goes away."""
+def _worker_main(plan: SweepPlan, worker: int, errors: Any = None) -> None:
+    """A worker process: stops (releasing its trial) when the sweep process that started it goes away; what made it
+    fail goes to `errors` (one line) for the sweep process to report, the traceback to stderr."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -650,6 +651,11 @@ def _worker_main(plan: SweepPlan, worker: int) -> None:
         work(plan, worker)
     except KeyboardInterrupt:
         os._exit(130)
+    except BaseException as e:
+        if errors is not None and not isinstance(e, SystemExit):
+            text = str(e) if isinstance(e, LmlabError) else f"{type(e).__name__}: {e}"
+            errors.put(f"worker {worker}: {(text.strip().splitlines() or [''])[0][:400]}")
+        raise
 
 
 def run_sweep(plan: SweepPlan, workers: int = 1) -> SweepOutcome:
@@ -664,7 +670,8 @@ def run_sweep(plan: SweepPlan, workers: int = 1) -> SweepOutcome:
             work(plan)
         else:
             ctx = multiprocessing.get_context("spawn")
-            procs = [ctx.Process(target=_worker_main, args=(plan, i), daemon=False) for i in range(workers)]
+            errors = ctx.SimpleQueue()
+            procs = [ctx.Process(target=_worker_main, args=(plan, i, errors), daemon=False) for i in range(workers)]
             for p in procs:
                 p.start()
             for p in procs:
@@ -672,7 +679,8 @@ def run_sweep(plan: SweepPlan, workers: int = 1) -> SweepOutcome:
             interrupted = any(p.exitcode == 130 for p in procs)
             failed = [p.exitcode for p in procs if p.exitcode not in (0, 130)]
             if failed:
-                raise LmlabError(f"sweep {plan.name}: {len(failed)} worker process(es) failed (exit {failed[0]}); "
+                why = errors.get() if not errors.empty() else f"exit {failed[0]}"
+                raise LmlabError(f"sweep {plan.name}: {len(failed)} worker process(es) failed ({why}); "
                                  "run the same command again to continue")
     except KeyboardInterrupt:
         interrupted = True
