@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -112,6 +115,15 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+@contextlib.contextmanager
+def peft_quietly():
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning on every
+    LoRA load: not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def apply_adapter(model: PreTrainedModel, recipe: Recipe, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     """Wrap the model with a peft LoRA adapter (QLoRA: the base was loaded in 4-bit by load_pretrained_lm).
     task_type SEQ_CLS makes peft train and save a classification head in full."""
@@ -125,7 +137,8 @@ def apply_adapter(model: PreTrainedModel, recipe: Recipe, task_type: str = "CAUS
     config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
                         use_dora=a.dora, modules_to_save=a.train_modules or None, task_type=task_type)
     try:
-        return get_peft_model(model, config)
+        with peft_quietly():
+            return get_peft_model(model, config)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model" (NoMatchingPeftModuleError)
         if "not found in the base model" not in str(e) and type(e).__name__ != "NoMatchingPeftModuleError":
             raise

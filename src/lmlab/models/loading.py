@@ -15,7 +15,7 @@ from typing import Any
 
 from lmlab.data.templates import PromptTemplate, _special_token_strings
 from lmlab.errors import LmlabError
-from lmlab.models.build import load_pretrained_lm
+from lmlab.models.build import load_pretrained_lm, peft_quietly
 from lmlab.recipe.loading import load_recipe
 from lmlab.recipe.schema import Recipe
 from lmlab.workspace.layout import read_json
@@ -112,7 +112,8 @@ def load_model(path: Path, recipe: Recipe, meta: Mapping[str, Any], *, base: str
     check_base_fingerprint(model, meta, base_path)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(path), is_trainable=trainable), base_path
+    with peft_quietly():
+        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable), base_path
 
 
 def base_model_path(recipe: Recipe, base: str | None = None, *, output_dir: str | None = None) -> str:
