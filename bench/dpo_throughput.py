@@ -12,7 +12,11 @@ alike, and the median round counts.
 Contenders: lmlab; TRL with its own defaults (on CPU that includes gradient checkpointing); TRL without gradient
 checkpointing (what lmlab does), so the ratio that remains is the frameworks', not the setting's.
 
-    OMP_NUM_THREADS=2 python bench/dpo_throughput.py [--steps 12] [--rounds 3]
+    OMP_NUM_THREADS=2 python bench/dpo_throughput.py [--steps 12] [--rounds 3] [--model tiny|smollm2]
+
+`--model smollm2` runs the same comparison on SmolLM2-135M-Instruct itself (30 layers × 576): with the tiny model the
+49k-token LM head is most of the compute, so lmlab computing logits only over the response columns
+(`logits_to_keep`) counts for more there than on a real model.
 
 The last line printed is one JSON object: the median over rounds of each round's ratio (goal: lmlab ≥ 1.5× TRL)
 and each contender's median pairs/s.
@@ -44,11 +48,15 @@ def records() -> list[dict]:
     return rows[:PAIRS]
 
 
-def base_folder(root: Path) -> Path:
-    """The tiny model and SmolLM2's tokenizer saved as a pretrained folder (what an lmlab recipe points at)."""
+def base_folder(root: Path, model: str = "tiny") -> Path:
+    """The tiny model and SmolLM2's tokenizer saved as a pretrained folder (what an lmlab recipe points at), or
+    SmolLM2-135M-Instruct's own folder."""
     import torch
     from helpers.smollm2 import smollm2_hf_dir
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if model == "smollm2":
+        return smollm2_hf_dir()
 
     tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
     torch.manual_seed(0)
@@ -132,13 +140,13 @@ def run_trl(base: Path, steps: int, out: Path, checkpointing: bool | None) -> di
 
 
 # ---------------------------------------------------------------------------------------- driver
-def run_one(name: str, steps: int) -> dict:
+def run_one(name: str, steps: int, model: str = "tiny") -> dict:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = base_folder(root)
+        base = base_folder(root, model)
         if name == "lmlab":
             return run_lmlab(base, steps, root / "runs")
         return run_trl(base, steps, root / "trl", False if name == "trl_no_checkpointing" else None)
@@ -148,10 +156,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per contender per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median counts")
+    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help="tiny: a ~5.2M-parameter Llama "
+                   "with SmolLM2's vocabulary; smollm2: SmolLM2-135M-Instruct itself")
     p.add_argument("--only", choices=CONTENDERS, help="run one contender once, print its JSON (internal)")
     args = p.parse_args()
     if args.only:
-        print(json.dumps(run_one(args.only, args.steps)))
+        print(json.dumps(run_one(args.only, args.steps, args.model)))
         return
     if not DATA_FILE.is_file():
         sys.exit(f"data file {DATA_FILE} not found; set LMLAB_DATA")
@@ -160,7 +170,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
     for r in range(args.rounds):
         for name in CONTENDERS:
-            cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps)]
+            cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--model", args.model]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if proc.returncode != 0:
                 sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -179,7 +189,8 @@ def main() -> None:
     ratios = {f"lmlab_vs_{c}": round(statistics.median(a["pairs_per_s"] / b["pairs_per_s"] for a, b in
                                                        zip(results["lmlab"], results[c], strict=True)), 3)
               for c in CONTENDERS[1:]}
-    print(json.dumps({**ratios, "pairs_per_s_median": {c: round(v, 3) for c, v in median.items()}}))
+    print(json.dumps({**ratios, "pairs_per_s_median": {c: round(v, 3) for c, v in median.items()},
+                      "model": args.model, "steps": args.steps, "rounds": args.rounds}))
 
 
 def res_of(results: dict[str, list[dict]], name: str) -> float:
