@@ -129,7 +129,7 @@ def test_the_recipe_runs_two_steps_on_smollm2_itself(workspace, monkeypatch):
 @pytest.mark.slow
 def test_the_recipe_reaches_70_percent_val_preference_accuracy(workspace, monkeypatch):
     """The whole recipe (20 steps of 8 pairs, one eval of the 109 val pairs): accuracy 0.5 before (policy = reference),
-    >= 0.7 after. Measured: 0.872 (bench/dpo_accuracy.py, ~12 min on 2 cores)."""
+    >= 0.7 after. Measured: 0.872 (bench/dpo_accuracy.py, 261 s on the quiet 2-core CPU)."""
     monkeypatch.setenv("LMLAB_MODELS", smollm2_models_root())
     result = train(load_recipe(RECIPE), quiet=True)
     assert result.metrics["val/pairs"] == 109
