@@ -187,6 +187,8 @@ def test_generate_and_export_take_a_run_that_is_only_in_storage(mirrored, tmp_pa
     code, out, err = cli([command, mirrored["result"].run_id[:8], *args], capsys)
     assert code == 0, err
     assert (layout.run_dir("lmlab-runs", mirrored["result"].run_id) / "checkpoints" / "step-0000012").is_dir()
+    if how == "option":  # --storage holds for the command only (the CLI may run in-process: notebooks, tests)
+        assert "LMLAB_STORAGE" not in os.environ
     if command == "export":
         assert (tmp_path / "exported" / "config.json").is_file()
 
@@ -281,6 +283,13 @@ MISTAKES = [
      "storage s3://lmlab-test/x: does not answer"),
     ("resume-not-in-storage", ["run", "--resume", "0123abcd", "--storage", "{url}"], {},
      "storage s3://lmlab-test/team/runs-a: no run '0123abcd' there"),
+    ("generate-not-in-storage", ["generate", "0123abcd", "-p", "hi", "--storage", "{url}"], {},
+     "storage s3://lmlab-test/team/runs-a: no run '0123abcd' there"),
+    ("export-credentials-in-url", ["export", "0123abcd", "-o", "out", "--storage",
+                                   f"s3://{ACCESS_KEY}:{SECRET_KEY}@lmlab-test/x"], {},
+     "holds credentials (user:password@)"),
+    ("serve-storage-refuses", ["serve", "0123abcd", "--storage", "s3://lmlab-test/x"], {"AWS_ENDPOINT_URL": "{closed}"},
+     "storage s3://lmlab-test/x: does not answer"),
 ]
 
 

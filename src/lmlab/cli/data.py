@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmlab.cli.app import app
-from lmlab.cli.options import SetOpt, StorageOpt, use_storage
+from lmlab.cli.options import SetOpt, StorageOpt, with_storage
 from lmlab.console import console, err_console
 from lmlab.errors import LmlabError
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
@@ -121,6 +121,7 @@ def preview(
 
 
 @app.command("inspect-predictions")
+@with_storage
 def inspect_predictions(
     run: Annotated[str, typer.Argument(help="Run id (or unique prefix), or a checkpoint folder")],
     text: Annotated[str, typer.Option("--text", help="The text whose next-token predictions to show")],
@@ -133,7 +134,6 @@ def inspect_predictions(
     storage: StorageOpt = None,
 ):
     """Top-k next-token probabilities at each position of a text (or one), and a bar chart PNG."""
-    use_storage(storage)
     from lmlab.analysis.inspect_predictions import inspect_predictions as run_inspection
     from lmlab.analysis.inspect_predictions import predictions_table
 

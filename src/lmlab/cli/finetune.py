@@ -9,12 +9,13 @@ import typer
 from rich.table import Table
 
 from lmlab.cli.app import app
-from lmlab.cli.options import BaseOpt, OutputDirOpt, RunRef, StorageOpt, use_storage
+from lmlab.cli.options import BaseOpt, OutputDirOpt, RunRef, StorageOpt, with_storage
 from lmlab.console import console, err_console
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 
 
 @app.command()
+@with_storage
 def generate(
     run: RunRef,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable); the run's "
@@ -38,7 +39,6 @@ def generate(
     storage: StorageOpt = None,
 ):
     """Generate from a run with its own prompt template; stops at EOS and the template's end of turn."""
-    use_storage(storage)
     from lmlab.errors import LmlabError
     from lmlab.generation.decoding import generate_side_by_side
     from lmlab.generation.prompts import read_prompts
@@ -77,6 +77,7 @@ def generate(
 
 
 @app.command()
+@with_storage
 def export(
     run: RunRef,
     out: Annotated[Path, typer.Option("--out", "-o", help="New folder to write the model to; with --gguf the .gguf "
@@ -98,7 +99,6 @@ def export(
 ):
     """Write a run's best checkpoint as a standalone Hugging Face folder (adapter, or merged with --merge), or
     as one GGUF file (--gguf)."""
-    use_storage(storage)
     from lmlab.export.hf import MergeRejected, export_checkpoint
 
     if gguf:
@@ -149,6 +149,7 @@ def _export_gguf(run: str, out: Path, **options) -> None:
 
 
 @app.command("eval-json")
+@with_storage
 def eval_json_command(
     run: RunRef,
     split: Annotated[str | None, typer.Option(help="train, val or test (default: eval.json.split, else val)")] = None,
@@ -163,7 +164,6 @@ def eval_json_command(
     storage: StorageOpt = None,
 ):
     """Generate for a split and report how many outputs parse as JSON, match a schema and equal the reference."""
-    use_storage(storage)
     from lmlab.errors import LmlabError
     from lmlab.evaluation.json_check import eval_json
     from lmlab.models.loading import load_checkpoint
@@ -186,6 +186,7 @@ def eval_json_command(
 
 
 @app.command("eval")
+@with_storage
 def eval_command(
     run: RunRef,
     judge: Annotated[bool, typer.Option("--judge", help="Score generations 0-100 with an LLM judge over an "
@@ -211,7 +212,6 @@ def eval_command(
 ):
     """Evaluate a run's best checkpoint: --judge scores its generations with an LLM judge (mean, distribution,
     unparseable answers counted); answers are cached so a re-run asks the endpoint nothing new."""
-    use_storage(storage)
     from lmlab.errors import LmlabError
     from lmlab.evaluation.judge import judge_run
     from lmlab.models.loading import load_checkpoint

@@ -24,13 +24,31 @@ StorageOpt = Annotated[str | None, typer.Option("--storage", help="Object storag
                                                  "AWS_ENDPOINT_URL, credentials from the AWS environment / profile")]
 
 
-def use_storage(url: str | None) -> None:
-    """`--storage URL` on a command that reads runs (generate, serve, export, eval, ...): a run found neither in the
-    workspace nor in its ledger is pulled from there by the one resolver, as with $LMLAB_STORAGE."""
-    if url:
+def with_storage(command):
+    """For a command with a `storage: StorageOpt` parameter that reads runs (generate, serve, export, eval, ...):
+    while it runs, `--storage URL` stands in for $LMLAB_STORAGE, so a run found neither in the workspace nor in its
+    ledger is pulled from there by the one resolver. Restored afterwards (the CLI may run in-process: tests,
+    notebooks)."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        url = kwargs.get("storage")
+        if not url:
+            return command(*args, **kwargs)
         import os
 
+        before = os.environ.get("LMLAB_STORAGE")
         os.environ["LMLAB_STORAGE"] = url
+        try:
+            return command(*args, **kwargs)
+        finally:
+            if before is None:
+                os.environ.pop("LMLAB_STORAGE", None)
+            else:
+                os.environ["LMLAB_STORAGE"] = before
+
+    return run
 
 
 # one output layer (lmlab.console.emit) behind every listing command: runs, compare, diff, plan
@@ -39,4 +57,4 @@ FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="table (a rich
                                         "terminal, plain columns in a pipe), csv (full keys, raw values) or json "
                                         "(one object per run: ids, status, params, metrics, paths)")]
 
-__all__ = ["FormatOpt", "OutputFormat", "DEFAULT_WORKSPACE", "BaseOpt", "Name", "OutputDir", "OutputDirOpt", "RunRef", "SetOpt", "StorageOpt", "Uri", "use_storage"]
+__all__ = ["FormatOpt", "OutputFormat", "DEFAULT_WORKSPACE", "BaseOpt", "Name", "OutputDir", "OutputDirOpt", "RunRef", "SetOpt", "StorageOpt", "Uri", "with_storage"]

@@ -8,12 +8,13 @@ from typing import Annotated
 import typer
 
 from lmlab.cli.app import app
-from lmlab.cli.options import BaseOpt, OutputDirOpt, StorageOpt, use_storage
+from lmlab.cli.options import BaseOpt, OutputDirOpt, StorageOpt, with_storage
 from lmlab.console import console, err_console
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 
 
 @app.command()
+@with_storage
 def playground(
     runs: Annotated[list[str] | None, typer.Argument(help="1 to 3 models: run ids (or unique prefixes), run or "
                                                          "checkpoint folders, plain Hugging Face model folders")] = None,
@@ -36,7 +37,6 @@ def playground(
 ):
     """A web page that sends one conversation to every model and streams their answers side by side, with the
     runs' sampling presets and sliders; ratings go to <output-dir>/feedback.jsonl and each run's ledger."""
-    use_storage(storage)
     from lmlab.errors import LmlabError
     from lmlab.serve.access import MAX_COLUMNS, check_access, parse_auth
 

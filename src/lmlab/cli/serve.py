@@ -8,12 +8,13 @@ from typing import Annotated
 import typer
 
 from lmlab.cli.app import app
-from lmlab.cli.options import BaseOpt, OutputDirOpt, StorageOpt, use_storage
+from lmlab.cli.options import BaseOpt, OutputDirOpt, StorageOpt, with_storage
 from lmlab.console import console, err_console
 from lmlab.recipe.defaults import DEFAULT_WORKSPACE
 
 
 @app.command()
+@with_storage
 def serve(
     run: Annotated[str | None, typer.Argument(help="Run id (or unique prefix), run or checkpoint folder, or a plain "
                                                    "Hugging Face model folder (or --gguf FILE instead)")] = None,
@@ -36,7 +37,6 @@ def serve(
     storage: StorageOpt = None,
 ):
     """Serve a model over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions."""
-    use_storage(storage)
     from lmlab.errors import LmlabError
     from lmlab.serve.app import base_url, bind_socket, create_app, serve_forever
     from lmlab.serve.backends import load_backend
