@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers.processes import final_weights, lmlab_child, wait_until_it_trains
 from helpers.recipes import tiny_lm
-from helpers.s3 import lmlab_child, s3_server
-from safetensors.torch import load_file
+from helpers.s3 import s3_server
 
 from lmlab import load_recipe, train
 from lmlab.analysis.runs_table import runs_grid
@@ -37,10 +36,6 @@ def upload_checkpoint(self, folder, run_id, name, *, before_manifest=None, on_by
     return _upload(self, folder, run_id, name, before_manifest=before_manifest, on_bytes=on_bytes)
 st.Store.upload_checkpoint = upload_checkpoint
 """
-
-
-def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(layout.list_checkpoints(run_dir)[-1] / "model.safetensors"))
 
 
 def test_kill_9_wipe_the_workspace_and_resume_from_storage_ends_bit_identical(tmp_path, monkeypatch):
@@ -127,12 +122,7 @@ def test_sigterm_pauses_and_the_run_drains_its_uploads_before_it_exits(tmp_path,
         recipe.write_text(yaml.safe_dump(tiny_lm(train__max_steps=400, eval__every_steps=1000)))
         proc = lmlab_child(["run", str(recipe), "-q", "--storage", url], tmp_path)
         workspace = tmp_path / "lmlab-runs"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # wait until it trains (a logged step), then preempt it
-            rows = list_runs(output_dir=str(workspace)) if (workspace / "mlflow.db").exists() else []
-            if rows and "train/loss" in rows[0].metrics:
-                break
-            time.sleep(0.5)
+        wait_until_it_trains(workspace)  # then preempt it
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -155,3 +145,21 @@ def _alerts(run_id: str) -> dict:
 @pytest.fixture(autouse=True)
 def _no_tracking_server(monkeypatch):
     monkeypatch.delenv("LMLAB_TRACKING_URI", raising=False)
+
+
+def test_a_resume_with_storage_lists_storage_and_verifies_the_local_checkpoint_once(tmp_path, monkeypatch):
+    """resume_run / `lmlab run --resume RUN --storage URL` decide once whether storage is ahead (resume_recipe);
+    train() then resumes the run folder it is given instead of asking storage again."""
+    from lmlab.training.loop import resume_run
+    from lmlab.workspace import storage as storage_mod
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LMLAB_STORAGE", raising=False)
+    url = (tmp_path / "store").as_uri()
+    first = train(load_recipe(data=tiny_lm(run__storage=url)), quiet=True)
+    checks = []
+    newest = storage_mod._newest_verified_step
+    monkeypatch.setattr(storage_mod, "_newest_verified_step", lambda run_dir: checks.append(run_dir) or newest(run_dir))
+    resumed = resume_run(first.run_id, storage=url, overrides=["train.max_steps=14"], quiet=True)
+    assert (resumed.status, resumed.step) == ("FINISHED", 14)
+    assert len(checks) == 1

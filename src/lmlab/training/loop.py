@@ -430,9 +430,11 @@ def open_run(recipe: Recipe, resume: str | Path | None, *, main: bool, world: in
         recipe.run.storage = url  # from $LMLAB_STORAGE: recorded with the run like any recipe field
     mirror = open_mirror(url, recipe.run.storage_options, keep_last=recipe.checkpoint.keep_last,
                          keep_best=recipe.checkpoint.keep_best, check_only=not main)
-    if resume is not None and url and main and world == 1:  # several processes: `lmlab run` pulled before launching
-        ref = Path(resume).name if Path(resume).is_dir() else str(resume)
-        pull_for_resume(url, ref, output_dir=recipe.run.output_dir, uri=recipe.ledger.uri,
+    # a run id to resume: pulled from storage first when that holds a newer checkpoint. A run folder (what
+    # resume_run / `lmlab run --resume` pass, after resume_recipe pulled; several processes: pulled before the
+    # launch) is resumed as it is, so storage is listed and the local checkpoint verified once, not twice.
+    if resume is not None and url and main and world == 1 and not Path(resume).is_dir():
+        pull_for_resume(url, str(resume), output_dir=recipe.run.output_dir, uri=recipe.ledger.uri,
                         options=recipe.run.storage_options)
     resume_from, notes, changes = None, [], {}
     if resume is not None:
