@@ -4,12 +4,8 @@ suite runs one) on 127.0.0.1, with a bucket, and the AWS environment pointing at
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import subprocess
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
@@ -94,12 +90,3 @@ def closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def lmlab_child(args: list[str], cwd: Path, prelude: str = "") -> subprocess.Popen:
-    """`lmlab ARGS` in a child process (the environment of this one), with `prelude` run first (e.g. a patch that
-    kills the child at a chosen point)."""
-    code = f"import os, signal, sys\n{prelude}\nfrom lmlab.cli import main\nsys.argv = ['lmlab', *sys.argv[1:]]\nmain()"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("LMLAB_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)

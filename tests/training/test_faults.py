@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers.processes import final_weights, lmlab_child, wait_until_it_trains
 from helpers.recipes import tiny_lm
-from safetensors.torch import load_file
 
 from lmlab import load_recipe, train
 from lmlab.training.loop import resume_run
@@ -62,23 +59,11 @@ def write_recipe(folder: Path, **over) -> Path:
     return path
 
 
-def lmlab(args: list[str], cwd: Path, prelude: str = "", **kw) -> subprocess.Popen:
-    code = f"import os, signal, sys\n{prelude}\nfrom lmlab.cli import main\nsys.argv = ['lmlab', *sys.argv[1:]]\nmain()"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("LMLAB_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(layout.list_checkpoints(run_dir)[-1] / "model.safetensors"))
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The same recipe trained without interruption."""
     root = tmp_path_factory.mktemp("reference")
-    proc = lmlab(["run", str(write_recipe(root)), "-q"], root)
+    proc = lmlab_child(["run", str(write_recipe(root)), "-q"], root)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     row = list_runs(output_dir=str(root / "lmlab-runs"))[0]
@@ -92,7 +77,7 @@ def reference(tmp_path_factory):
 ])
 def test_kill_9_then_resume_ends_bit_identical_without_duplicate_rows(reference, tmp_path, point):
     recipe = write_recipe(tmp_path)
-    proc = lmlab(["run", str(recipe), "-q"], tmp_path, KILLERS[point])
+    proc = lmlab_child(["run", str(recipe), "-q"], tmp_path, KILLERS[point])
     proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL
     workspace = tmp_path / "lmlab-runs"
@@ -102,7 +87,7 @@ def test_kill_9_then_resume_ends_bit_identical_without_duplicate_rows(reference,
     if point == "during-save":
         assert list((run_dir / "checkpoints").glob(".tmp-step-0000008-*"))  # the half-written save
         assert [p.name for p in layout.list_checkpoints(run_dir)] == ["step-0000004"]
-    proc = lmlab(["run", "--resume", row.run_id[:8], "-q"], tmp_path)
+    proc = lmlab_child(["run", "--resume", row.run_id[:8], "-q"], tmp_path)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     weights = final_weights(run_dir)
@@ -116,14 +101,9 @@ def test_kill_9_then_resume_ends_bit_identical_without_duplicate_rows(reference,
 
 def test_sigterm_checkpoints_and_pauses_then_resumes(tmp_path):
     recipe = write_recipe(tmp_path, train__max_steps=400, eval__every_steps=1000)
-    proc = lmlab(["run", str(recipe), "-q"], tmp_path)
+    proc = lmlab_child(["run", str(recipe), "-q"], tmp_path)
     workspace = tmp_path / "lmlab-runs"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until it trains (a logged step), then preempt it
-        rows = list_runs(output_dir=str(workspace)) if (workspace / "mlflow.db").exists() else []
-        if rows and "train/loss" in rows[0].metrics:
-            break
-        time.sleep(0.5)
+    wait_until_it_trains(workspace)  # then preempt it
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -148,7 +128,7 @@ def test_a_run_that_fails_after_it_started_ends_failed_with_its_reason(workspace
 
 def test_four_runs_started_together_in_a_fresh_workspace_all_finish(tmp_path):
     recipe = write_recipe(tmp_path, train__max_steps=2, train__warmup_steps=0, eval__every_steps=2)
-    procs = [lmlab(["run", str(recipe), "-q", "--set", f"run.name=together-{i}"], tmp_path) for i in range(4)]
+    procs = [lmlab_child(["run", str(recipe), "-q", "--set", f"run.name=together-{i}"], tmp_path) for i in range(4)]
     errors = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
     rows = list_runs(output_dir=str(tmp_path / "lmlab-runs"))
