@@ -174,6 +174,23 @@ def test_unresolvable_model_is_one_clear_line(workspace, tmp_path):
     assert "tiny: task lm" in both.output and "inspected in" in both.output
 
 
+def test_dpo_inspection_counts_truncated_responses(workspace, smol_models):
+    recipe = REPO / "recipes" / "dpo-smollm2-lora-cpu.yaml"
+    whole = inspect_data(load_recipe(recipe, ["data.max_examples=80"]))
+    names = [f.name for f in whole.fields]
+    assert names == ["prompt + chosen (tokens)", "chosen response (loss tokens)", "prompt + rejected (tokens)",
+                     "rejected response (loss tokens)"]
+    pairs = sum(whole.counts.values())
+    assert len(whole.fields[0].lengths) == pairs and all(n > 0 for n in whole.fields[1].lengths)
+    limit = sorted(whole.fields[0].lengths)[pairs // 2]  # half the chosen sides no longer fit
+    ins = inspect_data(load_recipe(recipe, ["data.max_examples=80", f"data.max_length={limit}"]))
+    over = ins.over_limit["train"]
+    assert 0 < over["over"] <= 2 * ins.counts["train"] and over["share"] == over["over"] / (2 * ins.counts["train"])
+    assert over["what"] == "responses truncated to max_length (chosen + rejected)"
+    assert max(ins.fields[0].lengths) <= limit
+    assert any(n.startswith("train: ") for n in ins.notes) and "targets" in ins.top_tokens[0]
+
+
 def test_every_shipped_recipe_inspects_on_a_sample(workspace, recipe_path):
     """Quick: each recipe's data path (first 150 examples) builds without a model."""
     recipe = load_or_skip(recipe_path, ["data.max_examples=150"])

@@ -16,7 +16,7 @@ import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,26 +217,21 @@ def _inspect_sft(data: RecipeData, top_n: int) -> DataInspection:
     recipe, tok, template = data.recipe, data.tokenizer, data.template
     cfg = recipe.data
     ins = _base(data, {k: len(v) for k, v in data.splits.items()}, "data.max_length", cfg.max_length)
-    examples: dict[str, list[dict[str, Any]]] = {}
-    for split, recs in data.splits.items():
-        if not recs:
-            continue
-        examples[split], report = tokenize_sft(recs, template, tok, cfg, source=f"{source_name(recipe)} ({split} split)")
-        ins.notes += [f"{split}: {line}" for line in report.lines()]
-        cut = report.n_truncated + report.dropped.get(TOO_LONG, 0)
-        lost = report.dropped.get(PROMPT_TOO_LONG, 0)
-        what = "truncated to max_length" if cfg.truncation == "truncate" else "dropped (truncation: drop)"
-        ins.over_limit[split] = {"examples": len(recs), "over": cut + lost, "share": (cut + lost) / len(recs),
-                                 "what": what + (f"; {lost} prompts fill max_length (dropped)" if lost else "")}
+    what = "truncated to max_length" if cfg.truncation == "truncate" else "dropped (truncation: drop)"
+
+    def over_limit(report, n: int) -> dict[str, Any]:
+        cut, lost = report.n_truncated + report.dropped.get(TOO_LONG, 0), report.dropped.get(PROMPT_TOO_LONG, 0)
+        return {"examples": n, "over": cut + lost, "share": (cut + lost) / n,
+                "what": what + (f"; {lost} prompts fill max_length (dropped)" if lost else "")}
+
+    examples = _tokenized_splits(data, ins, lambda recs, source: tokenize_sft(recs, template, tok, cfg, source=source),
+                                 over_limit)
     every = [r for recs in data.splits.values() for r in recs]
     ins.fields = sft_field_lengths(every, template, tok)
     ins.fields.append(FieldLengths("example as trained (≤ max_length)",
                                    [len(e["input_ids"]) for exs in examples.values() for e in exs], cfg.max_length))
     ins.unknown = unknown_tokens(tok, [e["input_ids"] for exs in examples.values() for e in exs])
-    train = examples.get("train", [])
-    flat = [t for e in train for t in e["input_ids"]]
-    targets = Counter(t for e in train for t in e["labels"] if t != IGNORE)
-    ins.top_tokens, ins.train_tokens = top_tokens(tok, flat, top_n, targets), len(flat)
+    _train_top_tokens(ins, tok, examples.get("train", []), "input_ids", "labels", top_n)
     return ins
 
 
@@ -245,16 +240,15 @@ def _inspect_preference(data: RecipeData, top_n: int) -> DataInspection:
     recipe, tok, template = data.recipe, data.tokenizer, data.template
     cfg = recipe.data
     ins = _base(data, {k: len(v) for k, v in data.splits.items()}, "data.max_length", cfg.max_length)
-    examples: dict[str, list[dict[str, Any]]] = {}
-    for split, recs in data.splits.items():
-        if not recs:
-            continue
-        examples[split], report = tokenize_preference(recs, template, tok, cfg, recipe.dpo,
-                                                      source=f"{source_name(recipe)} ({split} split)")
-        ins.notes += [f"{split}: {line}" for line in report.lines()]
+
+    def over_limit(report, n: int) -> dict[str, Any]:
         cut = report.truncated_chosen + report.truncated_rejected
-        ins.over_limit[split] = {"examples": len(recs), "over": cut, "share": cut / (2 * len(recs)),
-                                 "what": "responses truncated to max_length (chosen + rejected)"}
+        return {"examples": n, "over": cut, "share": cut / (2 * n),
+                "what": "responses truncated to max_length (chosen + rejected)"}
+
+    examples = _tokenized_splits(
+        data, ins, lambda recs, source: tokenize_preference(recs, template, tok, cfg, recipe.dpo, source=source),
+        over_limit)
     every = [e for exs in examples.values() for e in exs]
     for side in ("chosen", "rejected"):
         ins.fields.append(FieldLengths(f"prompt + {side} (tokens)", [len(e[f"{side}_ids"]) for e in every],
@@ -262,11 +256,29 @@ def _inspect_preference(data: RecipeData, top_n: int) -> DataInspection:
         ins.fields.append(FieldLengths(f"{side} response (loss tokens)",
                                        [sum(t != IGNORE for t in e[f"{side}_labels"]) for e in every]))
     ins.unknown = unknown_tokens(tok, [e[f"{side}_ids"] for e in every for side in ("chosen", "rejected")])
-    train = examples.get("train", [])
-    flat = [t for e in train for t in e["chosen_ids"]]
-    targets = Counter(t for e in train for t in e["chosen_labels"] if t != IGNORE)
-    ins.top_tokens, ins.train_tokens = top_tokens(tok, flat, top_n, targets), len(flat)
+    _train_top_tokens(ins, tok, examples.get("train", []), "chosen_ids", "chosen_labels", top_n)
     return ins
+
+
+def _tokenized_splits(data: RecipeData, ins: DataInspection, tokenize: Callable[[list, str], tuple[list, Any]],
+                      over_limit: Callable[[Any, int], dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each non-empty split tokenized as training tokenizes it (`tokenize(records, source)` → examples, report):
+    its report's lines become notes, `over_limit(report, n records)` its row of what max_length cuts."""
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for split, recs in data.splits.items():
+        if recs:
+            examples[split], report = tokenize(recs, f"{source_name(data.recipe)} ({split} split)")
+            ins.notes += [f"{split}: {line}" for line in report.lines()]
+            ins.over_limit[split] = over_limit(report, len(recs))
+    return examples
+
+
+def _train_top_tokens(ins: DataInspection, tok: Any, train: list[dict[str, Any]], ids: str, labels: str,
+                      top_n: int) -> None:
+    """The training split's most frequent tokens (and which of them carry loss) and its token count."""
+    flat = [t for e in train for t in e[ids]]
+    targets = Counter(t for e in train for t in e[labels] if t != IGNORE)
+    ins.top_tokens, ins.train_tokens = top_tokens(tok, flat, top_n, targets), len(flat)
 
 
 def sft_field_lengths(records: Sequence[dict[str, Any]], template: Any, tokenizer: Any) -> list[FieldLengths]:
