@@ -28,14 +28,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # contenders.py beside this file (also when imported)
 sys.path.insert(0, str(REPO / "tests"))  # helpers.smollm2: SmolLM2's tokenizer offline
+from contenders import alternate  # noqa: E402
+
 DATA = Path(os.environ.get("LMLAB_DATA") or REPO.parent / "shared" / "data")
 DATA_FILE = DATA / "rasbt_instruction_data" / "instruction-data-with-preference.json"
 CONTENDERS = ["lmlab", "trl", "trl_no_checkpointing"]
@@ -165,22 +167,18 @@ def main() -> None:
         return
     if not DATA_FILE.is_file():
         sys.exit(f"data file {DATA_FILE} not found; set LMLAB_DATA")
-    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    results: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
-    for r in range(args.rounds):
-        for name in CONTENDERS:
-            cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--model", args.model]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if proc.returncode != 0:
-                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[name].append(res)
-            print(f"round {r + 1} {name:21s} {res['pairs_per_s']:7.2f} pairs/s "
-                  f"({res['steps_timed']} steps in {res['seconds_timed']:.1f} s)", flush=True)
-        print(f"round {r + 1} ratios: lmlab / trl {results['lmlab'][-1]['pairs_per_s'] / res_of(results, 'trl'):.2f}, "
-              f"lmlab / trl_no_checkpointing "
-              f"{results['lmlab'][-1]['pairs_per_s'] / res_of(results, 'trl_no_checkpointing'):.2f}", flush=True)
+
+    def show(r: int, name: str, res: dict) -> None:
+        print(f"round {r + 1} {name:21s} {res['pairs_per_s']:7.2f} pairs/s "
+              f"({res['steps_timed']} steps in {res['seconds_timed']:.1f} s)", flush=True)
+
+    def ratios_of_round(r: int, results: dict[str, list[dict]]) -> None:
+        lmlab = results["lmlab"][-1]["pairs_per_s"]
+        print(f"round {r + 1} ratios: " + ", ".join(f"lmlab / {c} {lmlab / results[c][-1]['pairs_per_s']:.2f}"
+                                                      for c in CONTENDERS[1:]), flush=True)
+
+    results = alternate(__file__, CONTENDERS, args.rounds, ["--steps", str(args.steps), "--model", args.model],
+                        show, ratios_of_round)
     median = {c: statistics.median(x["pairs_per_s"] for x in runs) for c, runs in results.items()}
     print(f"TRL settings: {results['trl'][0]['trl_settings']}")
     for c in CONTENDERS:
@@ -191,10 +189,6 @@ def main() -> None:
               for c in CONTENDERS[1:]}
     print(json.dumps({**ratios, "pairs_per_s_median": {c: round(v, 3) for c, v in median.items()},
                       "model": args.model, "steps": args.steps, "rounds": args.rounds}))
-
-
-def res_of(results: dict[str, list[dict]], name: str) -> float:
-    return results[name][-1]["pairs_per_s"]
 
 
 if __name__ == "__main__":

@@ -23,13 +23,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # contenders.py beside this file (also when imported)
+sys.path.insert(0, str(REPO / "tests"))  # helpers.smollm2: SmolLM2's tokenizer offline
+from contenders import alternate  # noqa: E402
+
 DATA = Path(os.environ.get("LMLAB_DATA") or REPO.parent / "shared" / "data")
 DATA_FILE = DATA / "rasbt_instruction_data" / "instruction-data.json"
 CONTENDERS = ["lmlab_packed", "lmlab_padded", "trl_padded", "trl_packed"]
@@ -175,20 +178,13 @@ def main() -> None:
         args.precision = faster_precision()
     if not DATA_FILE.is_file():
         sys.exit(f"data file {DATA_FILE} not found; set LMLAB_DATA")
-    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    results: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
-    for r in range(args.rounds):
-        for name in CONTENDERS:
-            cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps),
-                   "--precision", args.precision]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if proc.returncode != 0:
-                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[name].append(res)
-            print(f"round {r + 1} {name:13s} {res['eff_tokens_per_s']:9.0f} eff. tok/s "
-                  f"({res['tokens_timed']} tokens in {res['seconds_timed']:.1f} s)", flush=True)
+
+    def show(r: int, name: str, res: dict) -> None:
+        print(f"round {r + 1} {name:13s} {res['eff_tokens_per_s']:9.0f} eff. tok/s "
+              f"({res['tokens_timed']} tokens in {res['seconds_timed']:.1f} s)", flush=True)
+
+    results = alternate(__file__, CONTENDERS, args.rounds,
+                        ["--steps", str(args.steps), "--precision", args.precision], show)
     median = {c: statistics.median(x["eff_tokens_per_s"] for x in runs) for c, runs in results.items()}
     print(f"precision {args.precision}; TRL settings: {results['trl_packed'][0]['trl_settings']}")
     for c in CONTENDERS:
