@@ -201,13 +201,37 @@ def open_storage(url: str):
 
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                              inherit_intermediate_values=True))
+        storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                 inherit_intermediate_values=True))
     except Exception as e:  # a wrong URL, a missing driver, a server that does not answer
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise LmlabError(f"--study-storage: cannot open {redact(url)} ({first}); check the URL, the server and the "
                          "driver (PostgreSQL: pip install 'psycopg[binary]')") from None
+    if storage.engine.name == "sqlite":
+        _serialize_sqlite(storage.engine)
+    return storage
+
+
+def _serialize_sqlite(engine: Any) -> None:
+    """Make Optuna's read-then-write transactions atomic on SQLite, as they are on PostgreSQL / MySQL.
+
+    Optuna claims a WAITING trial by reading it `FOR UPDATE` and writing RUNNING. SQLite has no row locks, and Python's
+    sqlite3 module opens a transaction only at the first write, so two workers both read WAITING and both "win" the
+    same trial (28 double claims in 200 with 4 processes, before this). SQLAlchemy's documented remedy for pysqlite:
+    let the driver open no transaction itself and begin each one with BEGIN IMMEDIATE, which takes SQLite's write
+    lock before the read; the other worker waits (the busy timeout) and then reads RUNNING."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections pooled while Optuna set the schema up predate the hooks
 
 
 def make_sampler(plan: SweepPlan, worker: int = 0):
