@@ -105,6 +105,14 @@ def test_two_workers_finish_a_study_without_running_a_trial_twice(workspace):
     assert sorted(c.tags[TAG_TRIAL] for c in children) == ["0", "1", "2", "3"]
 
 
+def test_a_one_point_grid_completes(workspace):
+    """Optuna's GridSampler raised KeyError 'grid_id' telling an enqueued trial when one grid point was left; the
+    grid's points are enqueued, so no sampler of Optuna's decides anything there."""
+    outcome = run_sweep(plan_sweep(sweep_recipe(workspace), grid=["train.lr=1e-3"]))
+    assert outcome.done and outcome.counts == {"COMPLETE": 1}
+    assert outcome.best["params"] == {"train.lr": 1e-3}
+
+
 def _claim_all(url, go, out):
     import optuna
 

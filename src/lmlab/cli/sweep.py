@@ -37,11 +37,12 @@ def sweep(
 ):
     """Run a recipe's trials (grid, random or TPE search on Optuna), each an ordinary lmlab run recorded as a child
     of the sweep's parent run; print the trials best first. Running the same command again continues the sweep."""
+    from lmlab.evaluation.judge import judge_trial
     from lmlab.training.sweep import plan_sweep, redact, run_sweep
 
     plan = plan_sweep(recipe, set_, sweep_file=space, grid=grid, name=name, metric=metric, direction=direction,
                       trials=trials, sampler=sampler, pruner=pruner, storage=study_storage, workers=workers,
-                      quiet=not verbose, progress=True)
+                      quiet=not verbose, progress=True, score=judge_trial)
     sw = plan.sweep
     console.print(f"sweep {plan.name}: {plan.n_trials} trials, {plan.sampler} sampler, pruner {sw.pruner}, "
                   f"{sw.direction} {sw.metric}; {workers} worker(s)"

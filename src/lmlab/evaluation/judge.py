@@ -398,6 +398,17 @@ def judge_run(loaded: LoadedCheckpoint, cfg: JudgeConfig, *, resume: bool = Fals
     return report
 
 
+def judge_trial(run_id: str, output_dir: str) -> dict[str, float]:
+    """A sweep trial's score when the sweep optimizes judge/<split>/<stat> (`lmlab sweep` passes this to
+    plan_sweep): judge the run's best checkpoint with its recipe's judge: section, as `lmlab eval RUN --judge
+    --resume` would (generations and answers of an interrupted attempt reused), log the report to the run and
+    return its judge/ metrics."""
+    from lmlab.models.loading import load_checkpoint
+
+    loaded = load_checkpoint(run_id, output_dir=output_dir)
+    return judge_run(loaded, loaded.recipe.judge, resume=True).metrics()
+
+
 def default_cache_path(loaded: LoadedCheckpoint) -> Path:
     """judge-cache.sqlite in the workspace holding the checkpoint (<workspace>/runs/<id>/checkpoints/step-N),
     else beside the checkpoint."""

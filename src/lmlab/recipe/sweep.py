@@ -96,12 +96,15 @@ class SweepConfig(Section):
     name: str | None = Field(None, description="The sweep (and its Optuna study); default '<run.name>-sweep'. "
                              "Running the same name again continues it")
     metric: str = Field("val/loss", description="Logged metric to optimize; its best value over a trial's evals "
-                        "is the trial's result")
-    direction: Literal["minimize", "maximize"] = Field("minimize", description="Lower or higher metric is better")
+                        "is the trial's result. judge/<split>/mean (or median): each trial, once trained, is scored "
+                        "by the recipe's judge: section (the LLM judge of `lmlab eval --judge`)")
+    direction: Literal["minimize", "maximize"] = Field("minimize", description="Lower or higher metric is better "
+                                                       "(default maximize for a judge/ metric)")
     trials: int | None = Field(None, gt=0, description="Trials in all (all workers and machines together); "
                                "default: the whole grid, else 20")
     sampler: Literal["grid", "random", "tpe"] | None = Field(
-        None, description="Optuna's GridSampler, RandomSampler or TPESampler; default grid when every param is a "
+        None, description="grid (every combination, each enqueued in Optuna), or Optuna's RandomSampler or "
+        "TPESampler; default grid when every param is a "
         "choice, else tpe")
     pruner: Literal["none", "median", "hyperband"] = Field(
         "none", description="Stop hopeless trials at an eval: Optuna's MedianPruner or HyperbandPruner")

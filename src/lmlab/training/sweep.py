@@ -2,7 +2,7 @@
 ledger) recorded as an MLflow child run of the sweep's parent run.
 
 Optuna is the engine: its study (sqlite in the workspace, or any RDB URL shared by several machines) holds the
-trials; its GridSampler / RandomSampler / TPESampler choose params; its MedianPruner / HyperbandPruner judge the
+trials; a grid's points are enqueued, its RandomSampler / TPESampler choose the params of other searches; its MedianPruner / HyperbandPruner judge the
 metric reported at each eval. lmlab adds what makes a trial a run:
 
 - **Slots.** The process that creates the study enqueues one trial per slot (a grid point, or an empty slot the
@@ -29,6 +29,7 @@ import threading
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,10 @@ class SweepPlan:
     shared_storage: bool = False  # --study-storage given: other machines may work on the same study
     quiet: bool = True  # no per-step progress from the trials' training
     progress: bool = False  # one line per finished trial
+    # metrics a layer above training computes once a trial has trained (the LLM judge's judge/<split>/*):
+    # score(run_id, output_dir) -> {metric: value}, logged to the trial's run by the scorer; a module-level function
+    # (workers are spawned processes)
+    score: Callable[[str, str], dict[str, float]] | None = None
 
     @property
     def sweep(self) -> SweepConfig:
@@ -106,9 +111,13 @@ def plan_sweep(recipe_path: str | Path, sets: list[str] | None = None, *, sweep_
                grid: list[str] | None = None, name: str | None = None, metric: str | None = None,
                direction: str | None = None, trials: int | None = None, sampler: str | None = None,
                pruner: str | None = None, storage: str | None = None, workers: int = 1,
-               quiet: bool = True, progress: bool = False) -> SweepPlan:
+               quiet: bool = True, progress: bool = False,
+               score: Callable[[str, str], dict[str, float]] | None = None) -> SweepPlan:
     """Read the recipe and its space (the recipe's sweep: section, a space file, --grid and options, later ones
-    winning), check the whole space up front (one RecipeError with every problem) and say how it will run."""
+    winning), check the whole space up front (one RecipeError with every problem) and say how it will run.
+
+    `score`: for a metric the training loop does not log (judge/<split>/mean), what computes it once a trial has
+    trained: `lmlab sweep` passes the LLM judge (lmlab.evaluation.judge.judge_trial)."""
     sets = list(sets or [])
     recipe = load_recipe(recipe_path, sets)
     raw = dict(load_sweep_file(sweep_file)) if sweep_file is not None else \
@@ -121,7 +130,10 @@ def plan_sweep(recipe_path: str | Path, sets: list[str] | None = None, *, sweep_
                        ("sampler", sampler), ("pruner", pruner)):
         if value is not None:
             raw[key] = value
+    if str(raw.get("metric", "")).startswith("judge/") and "direction" not in raw:
+        raw["direction"] = "maximize"  # a judge's score: higher is better
     config, problems = _read_sweep(raw)
+    problems += _judge_problems(config, recipe, score)
     if not recipe.ledger.enabled:
         problems.append("ledger.enabled: is false; a sweep records its trials in the ledger, enable it")
     base_overrides = dict(_normalize_overrides(sets))
@@ -137,7 +149,7 @@ def plan_sweep(recipe_path: str | Path, sets: list[str] | None = None, *, sweep_
         ledger_uri=tracking_uri(recipe), experiment=recipe.ledger.experiment, n_trials=config.n_trials(),
         sampler=config.sampler_name(), seed=config.seed if config.seed is not None else recipe.run.seed,
         eval_every=recipe.eval.every_steps or 1, threads=threads, workers=workers, shared_storage=storage is not None,
-        quiet=quiet, progress=progress)
+        quiet=quiet, progress=progress, score=score if config.metric.startswith("judge/") else None)
 
 
 def _read_sweep(raw: dict[str, Any]) -> tuple[SweepConfig, list[str]]:
@@ -163,10 +175,37 @@ def _read_sweep(raw: dict[str, Any]) -> tuple[SweepConfig, list[str]]:
             problems += [f"sweep.params.{key}: " + describe_error(err, root=ParamSpec).partition(": ")[2]
                          for err in e.errors()]
     config.params = params
-    if config.metric.startswith("judge/"):  # not done: a trial would have to serve a judge after training
-        problems.append(f"sweep.metric: {config.metric} is logged by `lmlab eval --judge` after a run, not by the "
-                        "training loop's evals; optimize val/loss (or another val/ metric) and judge the best trials")
     return config, problems
+
+
+JUDGE_STATS = ("mean", "median")
+
+
+def _judge_problems(config: SweepConfig, recipe: Recipe, score: Callable | None) -> list[str]:
+    """A judge/<split>/<stat> metric is scored after each trial trains, by the recipe's judge: section."""
+    metric = config.metric
+    if not metric.startswith("judge/"):
+        return []
+    parts = metric.split("/")
+    if len(parts) != 3 or parts[1] not in ("train", "val", "test") or parts[2] not in JUDGE_STATS:
+        return [f"sweep.metric: '{metric}' is not a judge metric; use judge/<split>/mean or judge/<split>/median, "
+                "e.g. judge/val/mean"]
+    problems = []
+    judge = recipe.judge
+    missing = [f"judge.{k}" for k in ("base_url", "model") if not getattr(judge, k)]
+    if missing:
+        problems.append(f"sweep.metric: {metric} scores each trial with the recipe's LLM judge, but {' and '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not set; add a judge: section (base_url, model)")
+    if judge.split != parts[1]:
+        problems.append(f"sweep.metric: {metric} but judge.split is {judge.split}; set judge.split: {parts[1]} or "
+                        f"optimize judge/{judge.split}/{parts[2]}")
+    if config.pruner != "none":
+        problems.append(f"sweep.pruner: {config.pruner} judges {metric} at each eval, but a judge score exists only "
+                        "once a trial has trained; use pruner: none")
+    if score is None and not problems:
+        problems.append(f"sweep.metric: {metric} needs a scorer: plan_sweep(..., "
+                        "score=lmlab.evaluation.judge.judge_trial) (the lmlab sweep command passes it)")
+    return problems
 
 
 def study_url(output_dir: str | Path) -> str:
@@ -242,7 +281,10 @@ def make_sampler(plan: SweepPlan, worker: int = 0):
     shared = worker > 0 or plan.workers > 1 or plan.shared_storage
     seed = plan.seed + (1 + zlib.crc32(worker_tag().encode()) % 1_000_000 if shared else 0)
     if plan.sampler == "grid":
-        return optuna.samplers.GridSampler({k: p.candidates() for k, p in sweep.searched().items()}, seed=plan.seed)
+        # every grid point is enqueued with its params fixed (see _enqueue), so no sampler draws anything. Optuna's
+        # GridSampler is not used: its after_trial reads a 'grid_id' only trials it numbered itself have, and raises
+        # KeyError on enqueued ones as soon as one grid point is left unvisited (a one-point grid, at once)
+        return optuna.samplers.RandomSampler(seed=plan.seed)
     if plan.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, sweep.startup_trials))
@@ -306,8 +348,14 @@ def _enqueue(study: Any, plan: SweepPlan, start: int) -> None:
 
 
 def study_counts(study: Any) -> dict[str, int]:
+    """Trials by state; an attempt that was handed back (interrupted, or its scoring failed) and retried by a later
+    Optuna trial counts once, as that trial."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in (t.system_attrs.get("retry_history") or [])}
     counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
+        if t.number in retried and t.state.is_finished():
+            continue
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     return counts
 
@@ -536,6 +584,13 @@ def run_trial(plan: SweepPlan, study: Any, storage: Any, trial: Any) -> str:
         if result is not None and result.status == "PAUSED":  # Ctrl-C / SIGTERM: hand the trial back, stop
             _release(study, storage, trial_id, RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True))
             raise KeyboardInterrupt
+        if plan.score is not None and (result is None or result.status == "FINISHED") \
+                and plan.config["metric"] not in metrics:
+            try:
+                metrics = {**metrics, **plan.score(run_id, plan.output_dir)}
+            except LmlabError as e:  # the judge endpoint failed: not the trial's settings; keep it for a rerun
+                raise _ScoringFailed(f"trial {number} trained (run {run_id[:8]}) but scoring it failed: "
+                                     f"{(str(e).splitlines() or [''])[0]}") from None
         if result is not None and result.status == "STOPPED":
             client(plan.ledger_uri).set_tag(run_id, TAG_PRUNED, "true")
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -552,6 +607,9 @@ def run_trial(plan: SweepPlan, study: Any, storage: Any, trial: Any) -> str:
         _update_parent(plan, study)
         _say(plan, f"trial {number} {_show(values)}: {plan.config['metric']} {value:.4f} (run {run_id[:8]})")
         return "COMPLETE"
+    except _ScoringFailed as e:  # the trial waits for a rerun, which judges the finished run without training it
+        _release(study, storage, trial_id, RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True))
+        raise LmlabError(f"sweep {plan.name}: {e}; the trial waits: run the same command again to score it") from None
     except (TrainingFailed, LmlabError) as e:  # this trial's settings fail (NaN loss, a batch too big): others go on
         trial.set_user_attr("lmlab.reason", str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -562,6 +620,10 @@ def run_trial(plan: SweepPlan, study: Any, storage: Any, trial: Any) -> str:
         raise
     finally:
         beat.close()
+
+
+class _ScoringFailed(Exception):
+    """A trained trial could not be scored (the judge endpoint failed)."""
 
 
 def _show(values: dict[str, Any]) -> str:
@@ -688,7 +750,7 @@ def run_sweep(plan: SweepPlan, workers: int = 1) -> SweepOutcome:
     storage = open_storage(plan.storage_url)
     study = open_study(plan, storage)
     plan.parent_run_id = open_parent(plan, study)
-    interrupted = False
+    interrupted, error = False, None
     try:
         if workers <= 1:
             work(plan)
@@ -708,6 +770,8 @@ def run_sweep(plan: SweepPlan, workers: int = 1) -> SweepOutcome:
                                  "run the same command again to continue")
     except KeyboardInterrupt:
         interrupted = True
+    except LmlabError as e:  # a worker failed, a trial could not be scored: the parent ends KILLED with the reason
+        interrupted, error = True, e
     counts = study_counts(study)
     done = not interrupted and not counts.get("WAITING") and not counts.get("RUNNING")
     c = client(plan.ledger_uri)
@@ -716,8 +780,11 @@ def run_sweep(plan: SweepPlan, workers: int = 1) -> SweepOutcome:
     if done:
         c.set_terminated(plan.parent_run_id, "FINISHED")
     else:
-        c.set_tag(plan.parent_run_id, TAG_FAILURE, "interrupted; run the same lmlab sweep command again to continue")
+        c.set_tag(plan.parent_run_id, TAG_FAILURE, str(error)[:500] if error is not None else
+                  "interrupted; run the same lmlab sweep command again to continue")
         c.set_terminated(plan.parent_run_id, "KILLED")
+    if error is not None:
+        raise error
     best = None
     try:
         b = study.best_trial
