@@ -205,3 +205,36 @@ def test_a_killed_sweep_resumes_its_interrupted_trial_and_runs_each_trial_once(w
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == 4 and len({tuple(sorted(t.params.items())) for t in complete}) == 4
     assert [t.state.name for t in trials].count("FAIL") == 1  # the killed attempt, handed back once
+
+
+def test_opening_a_study_database_another_machine_is_creating_tries_again(monkeypatch, tmp_path):
+    """Two machines opening a new PostgreSQL study at once both create Optuna's tables; the loser's CREATE TABLE
+    fails with a duplicate key in pg_type (seen in the PostgreSQL test). It opens again and finds them there; any
+    other error is one line at once."""
+    import sqlalchemy.exc
+    from optuna.storages import RDBStorage
+
+    from lmlab.training import sweep as sweep_mod
+
+    calls = []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.IntegrityError("CREATE TABLE studies", {}, Exception(
+                'duplicate key value violates unique constraint "pg_type_typname_nsp_index"'))
+        return RDBStorage(url, **kwargs)
+
+    monkeypatch.setattr("optuna.storages.RDBStorage", racing)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert sweep_mod.open_storage(url) is not None and len(calls) == 2
+
+    def refused(url, **kwargs):
+        calls.append(url)
+        raise sqlalchemy.exc.OperationalError("connect", {}, Exception("connection refused"))
+
+    calls.clear()
+    monkeypatch.setattr("optuna.storages.RDBStorage", refused)
+    with pytest.raises(LmlabError, match="--study-storage: cannot open .*connection refused"):
+        sweep_mod.open_storage("postgresql://u:secret@127.0.0.1:9/x")
+    assert len(calls) == 1

@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import signal
 import socket
 import threading
@@ -239,17 +240,36 @@ def open_storage(url: str):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                                 inherit_intermediate_values=True))
-    except Exception as e:  # a wrong URL, a missing driver, a server that does not answer
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise LmlabError(f"--study-storage: cannot open {redact(url)} ({first}); check the URL, the server and the "
-                         "driver (PostgreSQL: pip install 'psycopg[binary]')") from None
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                     inherit_intermediate_values=True))
+            break
+        except Exception as e:  # a wrong URL, a missing driver, a server that does not answer
+            if attempt + 1 < SCHEMA_ATTEMPTS and _lost_schema_race(e):
+                time.sleep(0.5 + random.random())
+                continue
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise LmlabError(f"--study-storage: cannot open {redact(url)} ({first}); check the URL, the server and "
+                             "the driver (PostgreSQL: pip install 'psycopg[binary]')") from None
     if storage.engine.name == "sqlite":
         _serialize_sqlite(storage.engine)
     return storage
+
+
+SCHEMA_ATTEMPTS = 4
+
+
+def _lost_schema_race(error: Exception) -> bool:
+    """Two machines opening a new study database at once both create Optuna's tables; on PostgreSQL the loser's
+    CREATE TABLE fails ('duplicate key value violates unique constraint "pg_type_typname_nsp_index"', or
+    'already exists'). Opened again, it finds the tables there."""
+    from sqlalchemy import exc
+
+    text = str(error).lower()
+    return isinstance(error, (exc.IntegrityError, exc.ProgrammingError)) and (
+        "duplicate key" in text or "already exists" in text or "unique constraint" in text)
 
 
 def _serialize_sqlite(engine: Any) -> None:
