@@ -103,6 +103,19 @@ def test_a_judge_down_after_training_leaves_the_trial_waiting_and_the_rerun_only
     assert parent.status == "FINISHED"
 
 
+def test_a_judge_metric_in_the_recipe_maximizes_unless_told(workspace):
+    """The direction's default follows the metric wherever the metric is named (the recipe's sweep: section here;
+    a section dumped with its defaults once made a judged sweep minimize the score)."""
+    from lmlab.evaluation.judge import judge_trial
+
+    space = {"metric": "judge/val/mean", "params": {"train.lr": [1e-2, 1e-3]}}
+    path = judged_recipe(workspace, "http://127.0.0.1:9/v1", sweep=space)
+    assert plan_sweep(path, score=judge_trial).config["direction"] == "maximize"
+    path = judged_recipe(workspace, "http://127.0.0.1:9/v1", sweep={**space, "direction": "minimize"})
+    assert plan_sweep(path, score=judge_trial).config["direction"] == "minimize"
+    assert plan_sweep(path, score=judge_trial, direction="maximize").config["direction"] == "maximize"
+
+
 @pytest.mark.parametrize("over, extra, line", [
     ({}, {"metric": "judge/val/mean", "pruner": "median"},
      "sweep.pruner: median judges judge/val/mean at each eval, but a judge score exists only once a trial has "

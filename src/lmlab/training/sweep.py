@@ -122,7 +122,8 @@ def plan_sweep(recipe_path: str | Path, sets: list[str] | None = None, *, sweep_
     sets = list(sets or [])
     recipe = load_recipe(recipe_path, sets)
     raw = dict(load_sweep_file(sweep_file)) if sweep_file is not None else \
-        (recipe.sweep.model_dump(by_alias=True, exclude_none=True) if recipe.sweep is not None else {})
+        (recipe.sweep.model_dump(by_alias=True, exclude_none=True, exclude_unset=True)
+         if recipe.sweep is not None else {})  # unset: defaults that depend on others (direction) stay free
     raw["params"] = {k: (v.model_dump(by_alias=True, exclude_none=True) if hasattr(v, "model_dump") else v)
                      for k, v in (raw.get("params") or {}).items()}
     if grid:
