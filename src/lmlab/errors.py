@@ -19,6 +19,11 @@ class RecipeError(LmlabError):
         super().__init__("\n".join(prefix + p for p in problems))
 
 
+class ServiceUnavailable(LmlabError):
+    """A service lmlab calls (an LLM judge's endpoint) failed after its retries: not the input's fault; the same
+    command may work later."""
+
+
 class TrainingFailed(LmlabError):
     """The run stopped for a reason recorded in the ledger (NaN loss, ...); checkpoints kept."""
 

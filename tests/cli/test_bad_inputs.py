@@ -139,8 +139,8 @@ CASES = [
     ("strategy", ["validate", "{strategy}"], 2, "distributed.strategy: input should be"),
     ("judge-concurrency", ["validate", "{judge}"], 2, "judge.concurrency: input should be greater than 0"),
     ("sweep-judge-metric-without-judge", ["sweep", "{ok}", "--grid", "train.lr=1e-3", "--metric", "judge/val/mean"],
-     2, "sweep.metric: judge/val/mean scores each trial with the recipe's LLM judge, but judge.base_url and "
-        "judge.model are not set"),
+     2, "sweep.metric: judge/val/mean scores a fine-tuned model's responses against the reference outputs; it "
+        "needs run.task sft with a data.template (this recipe: task lm, template None)"),
     ("pair-architecture", ["validate", "{pair_arch}"], 2, "pair.architecture: input should be"),
     ("truncation", ["validate", "{truncation}"], 2, "data.truncation: input should be 'truncate' or 'drop'"),
     ("precision", ["validate", "{precision}"], 2, "train.precision: input should be 'fp32' or 'bf16'"),

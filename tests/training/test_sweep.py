@@ -113,14 +113,14 @@ def test_a_one_point_grid_completes(workspace):
     assert outcome.best["params"] == {"train.lr": 1e-3}
 
 
-def _claim_all(url, go, out):
+def _claim_all(url, ready, out):
     import optuna
 
     from lmlab.training.sweep import claim, open_storage
 
     storage = open_storage(url)
     study = optuna.load_study(study_name="race", storage=storage)
-    go.wait()
+    ready.wait(timeout=300)  # both workers (and the test) ready: they start claiming together
     taken = []
     while (trial := claim(study, storage)) is not None:
         taken.append(trial.number)
@@ -141,12 +141,11 @@ def test_workers_racing_for_waiting_trials_on_sqlite_never_take_the_same_one(tmp
     for _ in range(100):
         created.enqueue_trial({}, skip_if_exists=False)
     ctx = multiprocessing.get_context("spawn")
-    go, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(url, go, out)) for _ in range(2)]
+    ready, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(url, ready, out)) for _ in range(2)]
     for p in procs:
         p.start()
-    time.sleep(3)  # both have imported Optuna and opened the study by now; then they start together
-    go.set()
+    ready.wait(timeout=300)
     taken = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join()
@@ -238,3 +237,7 @@ def test_opening_a_study_database_another_machine_is_creating_tries_again(monkey
     with pytest.raises(LmlabError, match="--study-storage: cannot open .*connection refused"):
         sweep_mod.open_storage("postgresql://u:secret@127.0.0.1:9/x")
     assert len(calls) == 1
+    # SQLite and MySQL say it as an OperationalError; a locked or unreachable database is no such race
+    race = sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+    locked = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("database is locked"))
+    assert sweep_mod._lost_schema_race(race) and not sweep_mod._lost_schema_race(locked)

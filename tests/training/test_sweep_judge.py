@@ -92,6 +92,13 @@ def test_a_judge_down_after_training_leaves_the_trial_waiting_and_the_rerun_only
     assert parent.status == "KILLED" and "scoring it failed" in parent.tags[TAG_FAILURE]  # never left RUNNING
     trained = next(r for r in runs if r.tags.get("lmlab.sweep.role") == "trial")
     assert trained.status == "FINISHED" and "judge/val/mean" not in trained.metrics
+    from lmlab.training.sweep import STOP_ATTR, open_storage, open_study, work
+
+    stopped = plan()
+    study = open_study(stopped, open_storage(stopped.storage_url))
+    assert "scoring it failed" in study.user_attrs[STOP_ATTR]
+    assert work(stopped) == 0  # another worker (here or on another machine) takes no trial while the sweep is stopped
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "WAITING"]  # the attempt, handed back
 
     judge.answer = exact_match  # the endpoint is back
     outcome = run_sweep(plan())
@@ -100,7 +107,49 @@ def test_a_judge_down_after_training_leaves_the_trial_waiting_and_the_rerun_only
     assert [t.run_id for t in trials] == [trained.run_id]  # judged, not trained again
     assert trials[0].tags[TAG_TRIAL] == "0" and outcome.best["value"] == trials[0].metrics["judge/val/mean"]
     parent = next(r for r in list_runs(limit=20) if r.tags.get("lmlab.sweep.role") == "parent")
-    assert parent.status == "FINISHED"
+    assert parent.status == "FINISHED" and not study.user_attrs[STOP_ATTR]  # the rerun cleared the stop
+
+
+def test_a_trial_that_cannot_be_scored_for_its_own_sake_fails_and_the_sweep_goes_on(workspace):
+    """Only an unavailable endpoint holds a trial for a rerun; any other scoring error (here: an empty split) is
+    the trial's result, FAIL with the reason, as a training error would be."""
+    from lmlab.errors import LmlabError as Mistake
+
+    def score(run_id, output_dir):
+        if client_lr(run_id) == "0.01":
+            raise Mistake("judge.split: the run's val split is empty; pick another split")
+        return {"judge/val/mean": 42.0}
+
+    def client_lr(run_id):
+        return next(r for r in list_runs(limit=20) if r.run_id == run_id).params["train.lr"]
+
+    path = judged_recipe(workspace, "http://127.0.0.1:9/v1", train__max_steps=4, eval__every_steps=4)
+    outcome = run_sweep(plan_sweep(path, grid=["train.lr=1e-2,1e-3"], metric="judge/val/mean", score=score))
+    assert outcome.done and outcome.counts == {"FAIL": 1, "COMPLETE": 1}
+    assert outcome.best["params"] == {"train.lr": 1e-3} and outcome.best["value"] == 42.0
+    study = optuna_study(workspace, outcome.name)
+    failed = next(t for t in study.trials if t.state.name == "FAIL")
+    assert failed.user_attrs["lmlab.reason"] == "judge.split: the run's val split is empty; pick another split"
+
+
+def optuna_study(workspace, name):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{workspace / 'lmlab-runs' / 'optuna.db'}")
+
+
+def test_any_fault_in_a_sweep_ends_its_parent_run_killed_never_running(workspace, monkeypatch):
+    from lmlab.training import sweep as sweep_mod
+
+    def disk_full(plan, worker=0):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sweep_mod, "work", disk_full)
+    path = judged_recipe(workspace, "http://127.0.0.1:9/v1")
+    with pytest.raises(OSError):
+        run_sweep(plan_sweep(path, grid=["train.lr=1e-2"]))
+    parent = next(r for r in list_runs(limit=20) if r.tags.get("lmlab.sweep.role") == "parent")
+    assert parent.status == "KILLED" and "No space left on device" in parent.tags[TAG_FAILURE]
 
 
 def test_a_judge_metric_in_the_recipe_maximizes_unless_told(workspace):
@@ -125,6 +174,9 @@ def test_a_judge_metric_in_the_recipe_maximizes_unless_told(workspace):
     ({"judge__model": None}, {"metric": "judge/val/mean"},
      "sweep.metric: judge/val/mean scores each trial with the recipe's LLM judge, but judge.model is not set; "
      "add a judge: section (base_url, model)"),
+    ({"judge__api_key_env": "LMLAB_TEST_NO_SUCH_KEY"}, {"metric": "judge/val/mean"},
+     "judge.api_key_env: environment variable LMLAB_TEST_NO_SUCH_KEY is not set, and every trial would be judged "
+     "through it"),
     ({}, {"metric": "judge/val/score"},
      "sweep.metric: 'judge/val/score' is not a judge metric; use judge/<split>/mean or judge/<split>/median, "
      "e.g. judge/val/mean"),
@@ -136,7 +188,6 @@ def test_judge_metric_mistakes_are_one_line_each_before_any_trial(workspace, ove
     with pytest.raises(RecipeError) as e:
         plan_sweep(path, grid=["train.lr=1e-2,1e-3"], score=judge_trial, **extra)
     assert line in str(e.value)
-    assert not (workspace / "lmlab-runs" / "optuna.db").exists()
 
 
 def test_the_command_wires_the_judge_in(workspace):

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ServiceUnavailable
 from lmlab.evaluation.json_check import checkpoint_split
 from lmlab.generation.decoding import generate
 from lmlab.models.loading import LoadedCheckpoint
@@ -119,7 +119,7 @@ class JudgeCache:
 
 
 # ------------------------------------------------------------------------------------------- the client
-class JudgeEndpointError(LmlabError):
+class JudgeEndpointError(ServiceUnavailable):
     """The judge endpoint failed after its retries (down, too slow, refusing the key or the request)."""
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import LmlabError, RecipeError, TrainingFailed
+from lmlab.errors import LmlabError, RecipeError, ServiceUnavailable, TrainingFailed
 from lmlab.recipe.loading import _normalize_overrides, flatten, load_recipe
 from lmlab.recipe.schema import Recipe
 from lmlab.recipe.sweep import ParamSpec, SweepConfig, check_space, evaluate_expr, load_sweep_file, parse_grid
@@ -58,6 +58,7 @@ STUDY_FILE = "optuna.db"  # the workspace's study storage: <workspace>/optuna.db
 HEARTBEAT_S = 10  # a running trial's heartbeat; another machine takes it over GRACE_S after its last one
 GRACE_S = 60
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials still run
+STOP_ATTR = "lmlab.stop"  # study attr: why the sweep stopped (a trial could not be scored); cleared by the rerun
 
 
 
@@ -194,10 +195,18 @@ def _judge_problems(config: SweepConfig, recipe: Recipe, score: Callable | None)
                 "e.g. judge/val/mean"]
     problems = []
     judge = recipe.judge
+    if recipe.run.task != "sft" or recipe.data.template in (None, "text"):
+        problems.append(f"sweep.metric: {metric} scores a fine-tuned model's responses against the reference outputs; "
+                        f"it needs run.task sft with a data.template (this recipe: task {recipe.run.task}, template "
+                        f"{recipe.data.template}); optimize a val/ metric instead")
     missing = [f"judge.{k}" for k in ("base_url", "model") if not getattr(judge, k)]
     if missing:
         problems.append(f"sweep.metric: {metric} scores each trial with the recipe's LLM judge, but {' and '.join(missing)} "
                         f"{'is' if len(missing) == 1 else 'are'} not set; add a judge: section (base_url, model)")
+    elif judge.api_key_env and not os.environ.get(judge.api_key_env):
+        problems.append(f"judge.api_key_env: environment variable {judge.api_key_env} is not set, and every trial "
+                        f"would be judged through it; export it, or set judge.api_key_env: '' for an endpoint that "
+                        "needs no key")
     if judge.split != parts[1]:
         problems.append(f"sweep.metric: {metric} but judge.split is {judge.split}; set judge.split: {parts[1]} or "
                         f"optimize judge/{judge.split}/{parts[2]}")
@@ -269,8 +278,9 @@ def _lost_schema_race(error: Exception) -> bool:
     from sqlalchemy import exc
 
     text = str(error).lower()
-    return isinstance(error, (exc.IntegrityError, exc.ProgrammingError)) and (
-        "duplicate key" in text or "already exists" in text or "unique constraint" in text)
+    if isinstance(error, (exc.IntegrityError, exc.ProgrammingError)):
+        return "duplicate key" in text or "already exists" in text or "unique constraint" in text
+    return isinstance(error, exc.OperationalError) and "already exists" in text  # SQLite, MySQL
 
 
 def _serialize_sqlite(engine: Any) -> None:
@@ -481,6 +491,8 @@ def work(plan: SweepPlan, worker: int = 0) -> int:
     study = open_study(plan, storage, worker)
     done = 0
     while True:
+        if study.user_attrs.get(STOP_ATTR):  # a worker could not score its trial: the sweep stops for a rerun
+            return done
         recover(study, storage)
         trial = claim(study, storage)
         if trial is None:
@@ -609,7 +621,7 @@ def run_trial(plan: SweepPlan, study: Any, storage: Any, trial: Any) -> str:
                 and plan.config["metric"] not in metrics:
             try:
                 metrics = {**metrics, **plan.score(run_id, plan.output_dir)}
-            except LmlabError as e:  # the judge endpoint failed: not the trial's settings; keep it for a rerun
+            except ServiceUnavailable as e:  # the judge endpoint failed: not the trial's settings; keep it for a rerun
                 raise _ScoringFailed(f"trial {number} trained (run {run_id[:8]}) but scoring it failed: "
                                      f"{(str(e).splitlines() or [''])[0]}") from None
         if result is not None and result.status == "STOPPED":
@@ -630,6 +642,7 @@ def run_trial(plan: SweepPlan, study: Any, storage: Any, trial: Any) -> str:
         return "COMPLETE"
     except _ScoringFailed as e:  # the trial waits for a rerun, which judges the finished run without training it
         _release(study, storage, trial_id, RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True))
+        study.set_user_attr(STOP_ATTR, str(e))  # the other workers, here and elsewhere, take no new trial
         raise LmlabError(f"sweep {plan.name}: {e}; the trial waits: run the same command again to score it") from None
     except (TrainingFailed, LmlabError) as e:  # this trial's settings fail (NaN loss, a batch too big): others go on
         trial.set_user_attr("lmlab.reason", str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
@@ -771,6 +784,8 @@ def run_sweep(plan: SweepPlan, workers: int = 1) -> SweepOutcome:
     storage = open_storage(plan.storage_url)
     study = open_study(plan, storage)
     plan.parent_run_id = open_parent(plan, study)
+    if study.user_attrs.get(STOP_ATTR):
+        study.set_user_attr(STOP_ATTR, "")  # this is the rerun the stop asked for
     interrupted, error = False, None
     try:
         if workers <= 1:
@@ -791,8 +806,8 @@ def run_sweep(plan: SweepPlan, workers: int = 1) -> SweepOutcome:
                                  "run the same command again to continue")
     except KeyboardInterrupt:
         interrupted = True
-    except LmlabError as e:  # a worker failed, a trial could not be scored: the parent ends KILLED with the reason
-        interrupted, error = True, e
+    except Exception as e:  # a worker failed, a trial could not be scored, the study database gave up: the parent
+        interrupted, error = True, e  # ends KILLED with the reason, never RUNNING
     counts = study_counts(study)
     done = not interrupted and not counts.get("WAITING") and not counts.get("RUNNING")
     c = client(plan.ledger_uri)
@@ -801,8 +816,8 @@ def run_sweep(plan: SweepPlan, workers: int = 1) -> SweepOutcome:
     if done:
         c.set_terminated(plan.parent_run_id, "FINISHED")
     else:
-        c.set_tag(plan.parent_run_id, TAG_FAILURE, str(error)[:500] if error is not None else
-                  "interrupted; run the same lmlab sweep command again to continue")
+        c.set_tag(plan.parent_run_id, TAG_FAILURE, (str(error) or type(error).__name__)[:500] if error is not None
+                  else "interrupted; run the same lmlab sweep command again to continue")
         c.set_terminated(plan.parent_run_id, "KILLED")
     if error is not None:
         raise error
