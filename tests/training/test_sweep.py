@@ -72,6 +72,26 @@ def test_grid_trials_are_child_runs_and_the_table_matches_the_ledger(workspace):
     assert len([r for r in list_runs(limit=100) if r.tags.get("lmlab.sweep.role") == "trial"]) == 4
 
 
+def test_a_machine_that_ran_no_trial_says_so_and_succeeds(workspace):
+    """Two machines share a study; the first took every trial. The second's command finishes with exit 0 and says
+    where the trials are (its own ledger has none: it used to end with 'no trial has started yet', exit 2)."""
+    from typer.testing import CliRunner
+
+    from lmlab.cli import app
+
+    path = sweep_recipe(workspace)
+    study_db = f"sqlite:///{workspace / 'shared-study.db'}"
+    args = ["sweep", str(path), "--grid", "train.lr=1e-3", "--study-storage", study_db, "--name", "shared"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    (workspace / "other").mkdir()
+    os.chdir(workspace / "other")  # another workspace and ledger: another machine
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert "sweep shared done: 1 complete" in second.output and "no trial ran here" in second.output
+    assert "shared-study.db" in second.output.replace("\n", "")
+
+
 def test_tpe_with_the_median_pruner_prunes_a_hopeless_trial(workspace):
     path = sweep_recipe(workspace)
     # seed 2: TPE draws 3e-3 three times, then 1e-7, which learns nothing: worse than the median at its first eval

@@ -68,7 +68,8 @@ def postgres_url():
 def test_two_machines_share_one_study_on_postgresql(tmp_path, postgres_url, monkeypatch):
     monkeypatch.delenv("LMLAB_TRACKING_URI", raising=False)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_lm(eval__max_batches=2, train__max_steps=8)))
+    # trials of a few seconds each, so that both commands are up before the first takes every trial
+    recipe.write_text(yaml.safe_dump(tiny_lm(eval__max_batches=2, train__max_steps=48, eval__every_steps=16)))
     machines = [tmp_path / "a", tmp_path / "b"]
     cmd = [sys.executable, "-c", "from lmlab.cli import main; main()", "sweep", str(recipe), "--grid",
            "train.lr=1e-3,3e-3", "--grid", "model.d_model=32,64", "--study-storage", postgres_url, "--name", "pg"]

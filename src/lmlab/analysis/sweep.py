@@ -59,7 +59,8 @@ def sweep_table(name: str, uri: str) -> Comparison:
     """The sweep as a compare table (terminal, --markdown, --csv)."""
     found = sweep_runs(name, uri)
     if not found.trials:
-        raise LmlabError(f"--sweep {name}: no trial has started yet")
+        raise LmlabError(f"--sweep {name}: no trial of it in this ledger yet (trials other machines ran are in their "
+                         "ledgers, unless all share one tracking server: LMLAB_TRACKING_URI)")
     rows = trial_rows(found, uri)
     keys = list(dict.fromkeys(k for t in rows for k in t.values))
     cols = [Column("trial", "trial", [t.number for t in rows], "info"),

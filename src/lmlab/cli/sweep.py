@@ -56,7 +56,14 @@ def sweep(
     counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(outcome.counts.items()))
     console.print(f"sweep {plan.name} {'done' if outcome.done else 'not finished'}: {counts}; parent run "
                   f"{outcome.parent_run_id}", markup=False)
-    show_sweep(plan.name, plan.ledger_uri, "markdown" if markdown else "table")
+    from lmlab.workspace.sweeps import sweep_runs
+
+    if not sweep_runs(plan.name, plan.ledger_uri).trials:  # other machines sharing the study took every trial
+        console.print(f"no trial ran here: the other machines working on study {redact(plan.storage_url)} took them "
+                      "all; their ledgers hold them (or share one ledger: LMLAB_TRACKING_URI)", markup=False,
+                      soft_wrap=True)
+    else:
+        show_sweep(plan.name, plan.ledger_uri, "markdown" if markdown else "table")
     if outcome.best is not None:
         console.print(f"best: trial {outcome.best['number']} {sw.metric} {outcome.best['value']:.4f} "
                       f"(run {outcome.best['run_id']})", markup=False)
