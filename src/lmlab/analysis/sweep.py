@@ -55,9 +55,9 @@ def _num(v: Any) -> str:
     return str(v)
 
 
-def sweep_table(name: str, uri: str) -> Comparison:
-    """The sweep as a compare table (terminal, --markdown, --csv)."""
-    found = sweep_runs(name, uri)
+def sweep_table(name: str, uri: str, found: SweepRuns | None = None) -> Comparison:
+    """The sweep as a compare table (terminal, --markdown, --csv); `found`: its runs, when already read."""
+    found = found if found is not None else sweep_runs(name, uri)
     if not found.trials:
         raise LmlabError(f"--sweep {name}: no trial of it in this ledger yet (trials other machines ran are in their "
                          "ledgers, unless all share one tracking server: LMLAB_TRACKING_URI)")

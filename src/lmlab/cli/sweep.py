@@ -58,21 +58,22 @@ def sweep(
                   f"{outcome.parent_run_id}", markup=False)
     from lmlab.workspace.sweeps import sweep_runs
 
-    if not sweep_runs(plan.name, plan.ledger_uri).trials:  # other machines sharing the study took every trial
+    found = sweep_runs(plan.name, plan.ledger_uri)
+    if not found.trials:  # other machines sharing the study took every trial
         console.print(f"no trial ran here: the other machines working on study {redact(plan.storage_url)} took them "
                       "all; their ledgers hold them (or share one ledger: LMLAB_TRACKING_URI)", markup=False,
                       soft_wrap=True)
     else:
-        show_sweep(plan.name, plan.ledger_uri, "markdown" if markdown else "table")
+        show_sweep(plan.name, plan.ledger_uri, "markdown" if markdown else "table", found=found)
     if outcome.best is not None:
         console.print(f"best: trial {outcome.best['number']} {sw.metric} {outcome.best['value']:.4f} "
                       f"(run {outcome.best['run_id']})", markup=False)
 
 
-def show_sweep(name: str, uri: str, fmt: str = "table") -> None:
+def show_sweep(name: str, uri: str, fmt: str = "table", found=None) -> None:
     """The sweep's table, one row per trial, best first (runs --sweep, compare --sweep), in the shared output
     formats (table, csv, json, markdown)."""
     from lmlab.analysis.sweep import sweep_table
     from lmlab.console import emit
 
-    emit(fmt, grid=sweep_table(name, uri))
+    emit(fmt, grid=sweep_table(name, uri, found))

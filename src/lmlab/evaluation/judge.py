@@ -127,16 +127,14 @@ def make_client(cfg: JudgeConfig) -> Any:
     """An `openai.OpenAI` client for the judge endpoint (timeouts and retries with backoff are the client's)."""
     import openai
 
-    if not cfg.base_url or not cfg.model:
-        missing = [f"judge.{k}" for k in ("base_url", "model") if not getattr(cfg, k)]
+    missing = cfg.missing_endpoint()
+    if missing:
         raise LmlabError(f"{' and '.join(missing)}: not set; give the judge endpoint in the recipe's judge: section "
                          "or as --judge-url URL --judge-model NAME")
-    key = "none"
-    if cfg.api_key_env:
-        key = os.environ.get(cfg.api_key_env, "")
-        if not key:
-            raise LmlabError(f"judge.api_key_env: environment variable {cfg.api_key_env} is not set; export it, or "
-                             "set judge.api_key_env: '' (--api-key-env '') for an endpoint that needs no key")
+    if cfg.missing_key():
+        raise LmlabError(f"judge.api_key_env: environment variable {cfg.api_key_env} is not set; export it, or "
+                         "set judge.api_key_env: '' (--api-key-env '') for an endpoint that needs no key")
+    key = os.environ[cfg.api_key_env] if cfg.api_key_env else "none"
     return openai.OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.retries)
 
 

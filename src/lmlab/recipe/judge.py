@@ -41,3 +41,13 @@ class JudgeConfig(BaseModel):
     timeout_s: float = Field(60.0, gt=0, description="Seconds before one judge request gives up")
     max_tokens: int = Field(16, gt=0, description="Answer budget of the judge (an integer needs few tokens)")
     temperature: float = Field(0.0, ge=0, description="Judge sampling temperature (0 = its most likely answer)")
+
+    def missing_endpoint(self) -> list[str]:
+        """The endpoint fields not set ('judge.base_url', 'judge.model'): without them there is no judge to ask."""
+        return [f"judge.{k}" for k in ("base_url", "model") if not getattr(self, k)]
+
+    def missing_key(self) -> str | None:
+        """The API-key environment variable the endpoint needs and this process lacks, if any."""
+        import os
+
+        return self.api_key_env if self.api_key_env and not os.environ.get(self.api_key_env) else None

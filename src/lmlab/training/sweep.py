@@ -199,11 +199,11 @@ def _judge_problems(config: SweepConfig, recipe: Recipe, score: Callable | None)
         problems.append(f"sweep.metric: {metric} scores a fine-tuned model's responses against the reference outputs; "
                         f"it needs run.task sft with a data.template (this recipe: task {recipe.run.task}, template "
                         f"{recipe.data.template}); optimize a val/ metric instead")
-    missing = [f"judge.{k}" for k in ("base_url", "model") if not getattr(judge, k)]
+    missing = judge.missing_endpoint()
     if missing:
         problems.append(f"sweep.metric: {metric} scores each trial with the recipe's LLM judge, but {' and '.join(missing)} "
                         f"{'is' if len(missing) == 1 else 'are'} not set; add a judge: section (base_url, model)")
-    elif judge.api_key_env and not os.environ.get(judge.api_key_env):
+    elif judge.missing_key():
         problems.append(f"judge.api_key_env: environment variable {judge.api_key_env} is not set, and every trial "
                         f"would be judged through it; export it, or set judge.api_key_env: '' for an endpoint that "
                         "needs no key")
@@ -423,23 +423,15 @@ def recover(study: Any, storage: Any) -> int:
     """Fail the RUNNING trials whose worker is gone and enqueue each again (once: only one process wins the
     RUNNING → FAIL transition). Returns how many this call recovered."""
     optuna = _quiet_optuna()
-    from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+    from optuna.storages import fail_stale_trials
 
     before = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     fail_stale_trials(study)  # other machines: no heartbeat for GRACE_S
     study_id = storage.get_study_id_from_name(study.study_name)
-    retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         owner = t.user_attrs.get("lmlab.worker")
-        if not owner or not dead_here(owner):
-            continue
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        try:
-            won = storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            won = False
-        if won:
-            retry(study, storage.get_trial(trial_id))
+        if owner and dead_here(owner):
+            _release(study, storage, storage.get_trial_id_from_study_id_trial_number(study_id, t.number))
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))) - before
 
 
@@ -575,8 +567,6 @@ def run_trial(plan: SweepPlan, study: Any, storage: Any, trial: Any) -> str:
     """Run one claimed trial as an lmlab run (or resume the run an interrupted attempt left) and tell Optuna how
     it ended. Returns the Optuna state it ended in; raises KeyboardInterrupt after releasing it if interrupted."""
     optuna = _quiet_optuna()
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
     sweep = plan.sweep
     study_id = storage.get_study_id_from_name(study.study_name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
@@ -615,7 +605,7 @@ def run_trial(plan: SweepPlan, study: Any, storage: Any, trial: Any) -> str:
             run_id, metrics = result.run_id, result.metrics
         trial.set_user_attr("lmlab.run_id", run_id)
         if result is not None and result.status == "PAUSED":  # Ctrl-C / SIGTERM: hand the trial back, stop
-            _release(study, storage, trial_id, RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True))
+            _release(study, storage, trial_id)
             raise KeyboardInterrupt
         if plan.score is not None and (result is None or result.status == "FINISHED") \
                 and plan.config["metric"] not in metrics:
@@ -641,7 +631,7 @@ def run_trial(plan: SweepPlan, study: Any, storage: Any, trial: Any) -> str:
         _say(plan, f"trial {number} {_show(values)}: {plan.config['metric']} {value:.4f} (run {run_id[:8]})")
         return "COMPLETE"
     except _ScoringFailed as e:  # the trial waits for a rerun, which judges the finished run without training it
-        _release(study, storage, trial_id, RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True))
+        _release(study, storage, trial_id)
         study.set_user_attr(STOP_ATTR, str(e))  # the other workers, here and elsewhere, take no new trial
         raise LmlabError(f"sweep {plan.name}: {e}; the trial waits: run the same command again to score it") from None
     except (TrainingFailed, LmlabError) as e:  # this trial's settings fail (NaN loss, a batch too big): others go on
@@ -650,7 +640,7 @@ def run_trial(plan: SweepPlan, study: Any, storage: Any, trial: Any) -> str:
         _say(plan, f"trial {number} FAILED: {trial.user_attrs.get('lmlab.reason')}")
         return "FAIL"
     except KeyboardInterrupt:  # hand the trial back at once: a rerun resumes it
-        _release(study, storage, trial_id, RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True))
+        _release(study, storage, trial_id)
         raise
     finally:
         beat.close()
@@ -685,13 +675,19 @@ def best_value(intermediate: dict[int, float], metrics: dict[str, float], metric
     return min(values) if minimize else max(values)
 
 
-def _release(study: Any, storage: Any, trial_id: int, retry: Any) -> None:
+def _release(study: Any, storage: Any, trial_id: int) -> bool:
+    """Hand a RUNNING trial back: fail it (only one process wins the RUNNING → FAIL transition) and enqueue it again
+    with its params and reports (Optuna's RetryHeartbeatStaleTrialCallback). True when this call did."""
     optuna = _quiet_optuna()
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
     try:
-        if storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
-            retry(study, storage.get_trial(trial_id))
+        won = storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
-        pass
+        return False
+    if won:
+        RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, storage.get_trial(trial_id))
+    return won
 
 
 def _supersede(uri: str, run_id: str) -> None:
