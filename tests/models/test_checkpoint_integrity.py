@@ -159,3 +159,30 @@ def test_a_diverging_run_fails_before_it_saves_a_poisoned_checkpoint(workspace):
         assert all(bool(torch.isfinite(t).all()) for t in load_file(str(ckpt / "model.safetensors")).values())
     reason = row.tags["lmlab.failure_reason"]
     assert "became" in reason and ("nan" in reason or "inf" in reason), reason
+
+
+def test_an_unchanged_file_is_hashed_once_and_any_change_is_hashed_again(tmp_path, monkeypatch):
+    """A resume verifies the same checkpoint three times (storage pull, resume_recipe, open_run): its files are read
+    once while unchanged. A file modified too recently to trust its mtime is never remembered (git's racily-clean
+    rule), so an in-place edit inside the clock's tick cannot pass as the hashed file."""
+    import hashlib
+
+    from lmlab.workspace import manifest
+
+    reads, real = [], hashlib.sha256
+
+    def counting():
+        reads.append(1)
+        return real()
+
+    monkeypatch.setattr(manifest.hashlib, "sha256", counting)
+    monkeypatch.setattr(manifest, "_hashes", {})
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"a" * 1000)
+    first = manifest.sha256_of(path)
+    assert manifest.sha256_of(path) == first and len(reads) == 2  # just written: not remembered, read again
+    monkeypatch.setattr(manifest, "_SETTLED_S", 0.0)  # as if written long ago
+    manifest.sha256_of(path)
+    assert manifest.sha256_of(path) == first and len(reads) == 3  # settled and unchanged: read once more, then not
+    path.write_bytes(b"b" * 1000)  # same size, rewritten
+    assert manifest.sha256_of(path) != first and len(reads) == 4

@@ -7,18 +7,41 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 
 
+_SETTLED_S = 2.0  # a file whose mtime is this old when hashed keeps its hash until its stat changes
+_hashes: dict[tuple[str, int, int, int, int], str] = {}
+_hashes_lock = threading.Lock()
+
+
 def sha256_of(path: Path) -> str:
+    """The file's sha256, hashed once per process while the file is unchanged: a resume verifies the same
+    checkpoint in the storage pull, in resume_recipe and in open_run, and a multi-GB checkpoint is read once, not
+    three times. Unchanged means the same inode, size, mtime and ctime; as in git's "racily clean" rule, a hash is
+    remembered only for a file last modified over _SETTLED_S before it was read, so an in-place edit within the
+    filesystem clock's tick (same size, same mtime) can never be mistaken for the file that was hashed."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _hashes_lock:
+        if key in _hashes:
+            return _hashes[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_S * 1e9:
+        with _hashes_lock:
+            if len(_hashes) > 10_000:
+                _hashes.clear()
+            _hashes[key] = digest
+    return digest
 
 
 def fsync_file(path: Path) -> None:
