@@ -9,6 +9,27 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def tiny_base_folder(root: Path, max_length: int) -> Path:
+    """The benches' tiny Llama (~5.2M parameters, most of them the tied 49k-token embedding; seed 0, the same weights
+    every time) with SmolLM2's tokenizer, saved as a pretrained folder (what an lmlab recipe points at). Needs
+    tests/ on sys.path (helpers.smollm2)."""
+    import torch
+    from helpers.smollm2 import smollm2_hf_dir
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_length,
+                         tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.eos_token_id)
+    folder = root / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 def alternate(script: str, contenders: Sequence[str], rounds: int, args: Sequence[str],

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))  # contenders.py beside this file (also when imported)
 sys.path.insert(0, str(REPO / "tests"))  # helpers.smollm2: SmolLM2's tokenizer offline
-from contenders import alternate  # noqa: E402
+from contenders import alternate, tiny_base_folder  # noqa: E402
 
 DATA = Path(os.environ.get("LMLAB_DATA") or REPO.parent / "shared" / "data")
 DATA_FILE = DATA / "rasbt_instruction_data" / "instruction-data-with-preference.json"
@@ -51,25 +51,11 @@ def records() -> list[dict]:
 
 
 def base_folder(root: Path, model: str = "tiny") -> Path:
-    """The tiny model and SmolLM2's tokenizer saved as a pretrained folder (what an lmlab recipe points at), or
-    SmolLM2-135M-Instruct's own folder."""
-    import torch
+    """The benches' tiny Llama with SmolLM2's tokenizer (contenders.tiny_base_folder), or SmolLM2-135M-Instruct's
+    own folder."""
     from helpers.smollm2 import smollm2_hf_dir
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    if model == "smollm2":
-        return smollm2_hf_dir()
-
-    tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_LENGTH,
-                         tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.eos_token_id)
-    folder = root / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return smollm2_hf_dir() if model == "smollm2" else tiny_base_folder(root, MAX_LENGTH)
 
 
 def steady(step_seconds: list[float]) -> dict:

@@ -31,36 +31,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))  # contenders.py beside this file (also when imported)
 sys.path.insert(0, str(REPO / "tests"))  # helpers.smollm2: SmolLM2's tokenizer offline
-from contenders import alternate  # noqa: E402
+from contenders import alternate, tiny_base_folder  # noqa: E402
 
 DATA = Path(os.environ.get("LMLAB_DATA") or REPO.parent / "shared" / "data")
 DATA_FILE = DATA / "rasbt_instruction_data" / "instruction-data.json"
 CONTENDERS = ["lmlab_packed", "lmlab_padded", "trl_padded", "trl_packed"]
 EXAMPLES, BATCH, MAX_LENGTH, LR, WARMUP_STEPS = 400, 8, 512, 3e-4, 3
-
-
-def tiny_llama(vocab_size: int, eos_id: int):
-    """~5.2M parameters, most of them the (tied) 49k-token embedding; same seed, same weights every time."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=96, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_LENGTH,
-                         tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    return LlamaForCausalLM(config)
-
-
-def base_folder(root: Path) -> Path:
-    """The tiny model and SmolLM2's tokenizer saved as a pretrained folder (what an lmlab recipe points at)."""
-    from helpers.smollm2 import smollm2_hf_dir
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
-    folder = root / "tiny-llama"
-    tiny_llama(len(tok), tok.eos_token_id).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def steady(step_tokens: list[int], step_seconds: list[float]) -> dict:
@@ -157,7 +133,7 @@ def run_one(name: str, steps: int, precision: str) -> dict:
     transformers.utils.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = base_folder(root)
+        base = tiny_base_folder(root, MAX_LENGTH)
         if name.startswith("lmlab"):
             return run_lmlab(base, name.endswith("packed"), steps, precision, root / "runs")
         return run_trl(base, name.endswith("packed"), steps, precision, root / "trl")

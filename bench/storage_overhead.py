@@ -61,12 +61,14 @@ def recipe(args, workdir: str, storage: str | None):
 
 def one_run(args, storage: str | None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as workdir:
+        r = recipe(args, workdir, storage)
         t0 = time.perf_counter()
-        result = train(recipe(args, workdir, storage), quiet=True)
+        result = train(r, quiet=True)
         total = time.perf_counter() - t0
     assert result.status == "FINISHED", result.status
     m = result.metrics
-    loop_s = result.step * 32 * 128 / m["train/wall_tokens_per_s"]
+    tokens_per_step = r.train.batch_size * r.train.grad_accum * r.model.block_size
+    loop_s = result.step * tokens_per_step / m["train/wall_tokens_per_s"]
     return {"wall": m["train/wall_tokens_per_s"], "steps": m["train/mean_tokens_per_s"], "total_s": total,
             "loop_s": loop_s}
 
