@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lmlab.models.build import peft_quietly
 from lmlab.models.loading import LoadedCheckpoint, load_base
 
 
@@ -15,7 +16,8 @@ def merged_model(loaded: LoadedCheckpoint):
 
         base = load_base(loaded.recipe, loaded.base, four_bit=True, device="cuda")
         base = dequantize_four_bit(base)
-        return PeftModel.from_pretrained(base, str(loaded.path)).merge_and_unload().eval()
+        with peft_quietly():
+            return PeftModel.from_pretrained(base, str(loaded.path)).merge_and_unload().eval()
     return copy.deepcopy(loaded.model).merge_and_unload().eval()
 
 

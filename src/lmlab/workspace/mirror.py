@@ -278,7 +278,10 @@ def _yield_cpu() -> None:
     """Lower the CPU priority of this thread (the uploader) and of fsspec's I/O thread, which runs the async
     filesystems' (s3fs, gcsfs, adlfs) transfers, so that hashing, TLS and request handling for uploads take cores the
     training threads leave idle instead of preempting them. Linux: the nice value is per thread; a thread that
-    fsspec starts later inherits it from the thread that starts it. Elsewhere, or when not permitted: a no-op."""
+    fsspec starts later inherits it from the thread that starts it. Elsewhere, or when not permitted: a no-op.
+    fsspec's I/O thread is the process's, not the run's: it stays at the lower priority after the run (an
+    unprivileged process cannot raise it back), so later async fsspec transfers in the same process (a pull, the next
+    run in a notebook) also yield to computation; they are I/O-bound, and nothing else runs on that thread."""
     if not hasattr(os, "setpriority"):
         return
     tids = {threading.get_native_id()}
