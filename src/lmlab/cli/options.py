@@ -38,15 +38,17 @@ def with_storage(command):
             return command(*args, **kwargs)
         import os
 
-        before = os.environ.get("LMLAB_STORAGE")
-        os.environ["LMLAB_STORAGE"] = url
+        from lmlab.recipe.storage import STORAGE_ENV
+
+        before = os.environ.get(STORAGE_ENV)
+        os.environ[STORAGE_ENV] = url
         try:
             return command(*args, **kwargs)
         finally:
             if before is None:
-                os.environ.pop("LMLAB_STORAGE", None)
+                os.environ.pop(STORAGE_ENV, None)
             else:
-                os.environ["LMLAB_STORAGE"] = before
+                os.environ[STORAGE_ENV] = before
 
     return run
 
